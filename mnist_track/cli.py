@@ -1,0 +1,200 @@
+"""The `mnist-track` command line: options in, domain errors out as clear messages.
+
+Only click is imported at module load, so `mnist-track --help` answers at once; torch,
+MLflow and Optuna are imported by the command that needs them.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from mnist_track import __version__
+
+DEFAULT_EXPERIMENT = "mnist-track"
+DEFAULT_REGISTERED_MODEL = "mnist-classifier"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class IntList(click.ParamType):
+    """Comma-separated positive integers, e.g. 128,64."""
+
+    name = "ints"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            sizes = tuple(int(part) for part in str(value).replace(" ", "").split(",") if part)
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers, e.g. 128,64",
+                      param, ctx)
+        if any(size <= 0 for size in sizes):
+            self.fail(f"{value!r}: every size must be a positive integer", param, ctx)
+        return sizes
+
+
+def limit(value: int | None) -> int | None:
+    """0 means no limit (so MLproject parameters can have a default)."""
+    return value or None
+
+
+@contextmanager
+def domain_errors():
+    """Turn the package's expected errors into one-line CLI errors, not tracebacks."""
+    from mnist_track.config import ConfigError
+
+    try:
+        yield
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as error:
+        if type(error).__name__ in EXPECTED_ERRORS:
+            raise click.ClickException(str(error)) from None
+        raise
+
+
+# Names, not classes, so this module need not import torch or MLflow to know them.
+EXPECTED_ERRORS = {"DataError", "TrackingError", "StudyError", "TrainingDiverged",
+                   "MlflowException", "InvalidPixels"}
+
+data_dir_option = click.option(
+    "--data-dir", type=click.Path(file_okay=False), envvar="MNIST_TRACK_DATA",
+    help="Folder with the four MNIST IDX files [env MNIST_TRACK_DATA; default ./data].")
+download_option = click.option(
+    "--download/--no-download", default=True, show_default=True,
+    help="Fetch missing MNIST files with torchvision's downloader (needs internet).")
+tracking_uri_option = click.option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+    help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///mlflow.db].")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mnist-track")
+def main() -> None:
+    """Train, tune, track, register and serve MNIST digit classifiers."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="YAML training config (top level, or the `train:` section of a study).")
+@click.option("--model", type=click.Choice(["mlp", "cnn"]), help="Model family [mlp].")
+@click.option("--hidden-sizes", type=IntList(), help="Hidden layer sizes [128,64].")
+@click.option("--channels", type=IntList(), help="CNN conv channels [16,32].")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="Dropout [0.2].")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), help="[adam]")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Learning rate [1e-3].")
+@click.option("--lr-schedule", type=click.Choice(["cosine", "onecycle", "constant"]),
+              help="Learning-rate schedule [cosine].")
+@click.option("--batch-size", type=click.IntRange(1), help="[128]")
+@click.option("--epochs", type=click.IntRange(1), help="[10]")
+@click.option("--seed", type=int, help="Seed for weights, dropout and shuffling [0].")
+@click.option("--val-size", type=click.IntRange(1), help="Validation images [5000].")
+@click.option("--train-limit", type=click.IntRange(0), help="Train on this many images (0: all).")
+@click.option("--test-limit", type=click.IntRange(0), help="Test on this many images (0: all).")
+@click.option("--device", help="auto, cpu, cuda, cuda:1, mps [auto].")
+@data_dir_option
+@download_option
+@tracking_uri_option
+@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True)
+@click.option("--registered-model", default=DEFAULT_REGISTERED_MODEL, show_default=True,
+              help="Registered model that receives the new version.")
+@click.option("--register/--no-register", default=True, show_default=True,
+              help="Register the model (and move `champion` if it is the best).")
+@click.option("--run-name", help="MLflow run name [generated].")
+@quiet_option
+def train(config_path, data_dir, download, tracking_uri, experiment, registered_model, register,
+          run_name, quiet, train_limit, test_limit, **options) -> None:
+    """Train one classifier and log it to MLflow as a run and a registered model version."""
+    with domain_errors():
+        from mnist_track.config import load_train_config
+
+        options["train_limit"] = limit(train_limit)
+        options["test_limit"] = limit(test_limit)
+        config = load_train_config(config_path, options)
+        device = _device(config.device)
+
+        from mnist_track import tracking
+        from mnist_track.console import EpochProgress, run_summary
+        from mnist_track.data import load_mnist, make_splits
+        from mnist_track.runs import train_and_track
+
+        tracking.use_tracking_uri(tracking_uri)
+        raw = load_mnist(data_dir, download=download)
+        splits = make_splits(raw, val_size=config.val_size, split_seed=config.split_seed,
+                             device=device, train_limit=config.train_limit,
+                             test_limit=config.test_limit)
+        outcome = train_and_track(
+            config, splits, experiment=experiment, run_name=run_name,
+            registered_model=registered_model if register else None,
+            on_epoch=EpochProgress(config.epochs, quiet),
+        )
+        click.echo(run_summary(outcome, registered_model))
+
+
+def _device(name: str):
+    from mnist_track.train import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--device") from None
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--model-uri", "-m", default=f"models:/{DEFAULT_REGISTERED_MODEL}@champion",
+              show_default=True, help="Any MLflow model URI: models:/NAME/3, runs:/ID/model, ...")
+@tracking_uri_option
+def predict(images, model_uri, tracking_uri) -> None:
+    """Classify PNG/JPEG digit images (files or folders) with a logged model."""
+    paths = _image_paths(images)
+    with domain_errors():
+        import numpy as np
+
+        from mnist_track import tracking
+        from mnist_track.serving import image_file_to_pixels
+
+        pixels = np.stack([image_file_to_pixels(path.read_bytes(), str(path)) for path in paths])
+        tracking.use_tracking_uri(tracking_uri)
+        predictions = tracking.load_model(model_uri).predict(pixels)
+        for path, digit, probabilities in zip(paths, predictions["digit"], strict=True,
+                                              predictions["probabilities"]):
+            click.echo(f"{path}\t{digit}\t{max(probabilities):.4f}")
+
+
+def _image_paths(arguments) -> list[Path]:
+    paths: list[Path] = []
+    for argument in map(Path, arguments):
+        if argument.is_dir():
+            paths += sorted(p for p in argument.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(argument)
+    if not paths:
+        raise click.BadParameter("no PNG/JPEG images found", param_hint="IMAGES")
+    return paths
+
+
+@main.command()
+@data_dir_option
+@download_option
+def data(data_dir, download) -> None:
+    """Fetch (if missing and online) and verify the MNIST files."""
+    with domain_errors():
+        from mnist_track.data import MNIST_FILES, ensure_files, read_idx, resolve_data_dir
+
+        folder = resolve_data_dir(data_dir)
+        for stem, path in ensure_files(folder, download=download).items():
+            array = read_idx(path, MNIST_FILES[stem])
+            click.echo(f"ok  {path}  {array.shape[0]} records, sha256 verified")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,165 @@
+"""One tracked training run: fit, evaluate on the test set, log everything to MLflow,
+register the model and move `champion` if it is the best. Used by `mnist-track train` and
+by every trial of a study."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mnist_track import plots, tracking
+from mnist_track.config import TrainConfig
+from mnist_track.data import PIXEL_MEAN, PIXEL_STD, MnistSplits
+from mnist_track.metrics import ClassificationReport, classification_report
+from mnist_track.models import architecture_of, count_parameters
+from mnist_track.train import EpochMetrics, FitResult, fit, predict_logits
+
+GRID_SIZE = 32  # digits per prediction grid
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: str
+    fit: FitResult
+    test: ClassificationReport
+    model_version: str | None  # None when not registered
+    champion: bool  # this run's version now carries the champion alias
+
+    @property
+    def validation_accuracy(self) -> float:
+        return self.fit.final_validation_accuracy
+
+
+def run_tags(config: TrainConfig, splits: MnistSplits) -> dict[str, Any]:
+    """Tags that make runs readable in the MLflow UI."""
+    sizes = splits.sizes()
+    tags = {
+        "model_family": config.model,
+        "architecture": describe_architecture(config),
+        "device": str(splits.train.images.device),
+        "split.train": sizes["train"],
+        "split.validation": sizes["validation"],
+        "split.test": sizes["test"],
+    }
+    commit = tracking.git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def describe_architecture(config: TrainConfig) -> str:
+    if config.model == "mlp":
+        return "-".join(map(str, (784, *config.hidden_sizes, 10)))
+    conv = "-".join(f"c{c}" for c in config.channels)
+    return "-".join([conv, *map(str, config.hidden_sizes), "10"])
+
+
+def train_and_track(
+    config: TrainConfig,
+    splits: MnistSplits,
+    *,
+    experiment: str,
+    registered_model: str | None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: Mapping[str, Any] | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    killed_on: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
+    version_tags: Mapping[str, Any] | None = None,
+) -> RunOutcome:
+    """Train `config` inside one MLflow run. `on_epoch` runs after each epoch's metrics are
+    logged (so a pruned trial keeps its curve); exceptions in `killed_on` end the run
+    KILLED, any other FAILED, with the error recorded."""
+    tags = run_tags(config, splits) | dict(extra_tags or {})
+    with tracking.start_run(
+        experiment, run_name, tags=tags, parent_run_id=parent_run_id, killed_on=killed_on
+    ) as log:
+        log.log_params(config.to_params())
+
+        def log_epoch(epoch: EpochMetrics) -> None:
+            log.log_metrics(epoch.as_dict(), step=epoch.epoch)
+            if on_epoch is not None:
+                on_epoch(epoch)
+
+        result = fit(config, splits, on_epoch=log_epoch)
+        logits = predict_logits(result.model, splits.test.images)
+        report = classification_report(logits, splits.test.labels)
+        log.log_metrics(
+            report.as_metrics("test")
+            | {
+                "val/final_accuracy": result.final_validation_accuracy,
+                "val/best_accuracy": result.best_validation_accuracy,
+                "time/train_seconds": result.seconds,
+                "model/parameters": count_parameters(result.model),
+            }
+        )
+        log_figures(log, result, report, splits, logits)
+        version = tracking.log_model(
+            result.model.state_dict(),
+            architecture_of(config),
+            example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
+            registered_model=registered_model,
+        )
+        champion = False
+        if version is not None:
+            tracking.tag_model_version(
+                registered_model,
+                version,
+                {
+                    tracking.VALIDATION_ACCURACY_TAG: result.final_validation_accuracy,
+                    "test_accuracy": report.accuracy,
+                    "run_id": log.run_id,
+                    "architecture": describe_architecture(config),
+                    **(version_tags or {}),
+                },
+            )
+            champion = tracking.promote_if_better(
+                registered_model, version, result.final_validation_accuracy
+            )
+        return RunOutcome(log.run_id, result, report, version, champion)
+
+
+def log_figures(
+    log: tracking.RunLog,
+    result: FitResult,
+    report: ClassificationReport,
+    splits: MnistSplits,
+    logits: torch.Tensor,
+) -> None:
+    predicted = logits.argmax(dim=1).cpu().numpy()
+    labels = splits.test.labels.cpu().numpy()
+    all_wrong = np.flatnonzero(predicted != labels)
+    wrong = all_wrong[:GRID_SIZE]
+    shown = np.arange(min(GRID_SIZE, len(labels)))
+    log.log_figure(plots.training_curves(result.history), "plots/training_curves.png")
+    log.log_figure(plots.confusion_matrix(report.confusion), "plots/confusion_matrix.png")
+    log.log_figure(plots.per_class_scores(report), "plots/per_class_scores.png")
+    log.log_figure(
+        plots.digit_grid(
+            to_pixels(splits.test.images[shown]),
+            labels[shown],
+            predicted[shown],
+            "Test predictions (true / predicted)",
+        ),
+        "plots/test_predictions.png",
+    )
+    if len(wrong):
+        log.log_figure(
+            plots.digit_grid(
+                to_pixels(splits.test.images[wrong]),
+                labels[wrong],
+                predicted[wrong],
+                f"Misclassified ({len(all_wrong)} in all; true / predicted)",
+            ),
+            "plots/misclassified.png",
+        )
+
+
+def to_pixels(images: torch.Tensor) -> np.ndarray:
+    """Normalized images back to uint8 pixels (N, 28, 28), for plots and input examples."""
+    pixels = (images.detach().cpu().float() * PIXEL_STD + PIXEL_MEAN) * 255.0
+    return pixels.round().clamp(0, 255).to(torch.uint8).reshape(-1, 28, 28).numpy()

@@ -1,0 +1,194 @@
+"""The training loop: `fit(config, splits, on_epoch=...)` trains one network and returns it
+with its per-epoch history. It knows nothing of MLflow or Optuna: they listen through
+`on_epoch` (which may raise, e.g. to prune) and read the result.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnist_track.data import MnistSplits, Split
+from mnist_track.models import build_model
+
+EVAL_BATCH_SIZE = 4096  # inference needs no small batches; large ones amortize overhead
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run cannot produce a useful model."""
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int  # 1-based
+    train_loss: float
+    train_accuracy: float
+    validation_loss: float
+    validation_accuracy: float
+    seconds: float  # wall time of this epoch's training and validation
+
+    def as_dict(self) -> dict[str, float]:
+        """Namespaced metric names, as they are logged."""
+        return {
+            "train/loss": self.train_loss,
+            "train/accuracy": self.train_accuracy,
+            "val/loss": self.validation_loss,
+            "val/accuracy": self.validation_accuracy,
+            "time/epoch_seconds": self.seconds,
+        }
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # in eval mode, on the training device
+    history: list[EpochMetrics] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def best_validation_accuracy(self) -> float:
+        return max((epoch.validation_accuracy for epoch in self.history), default=0.0)
+
+    @property
+    def final_validation_accuracy(self) -> float:
+        return self.history[-1].validation_accuracy if self.history else 0.0
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The one place a device is chosen: CUDA, then MPS, then CPU; or exactly `name`."""
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError as error:
+            raise ValueError(f"unknown device {name!r}: {error}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available here")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r} requested but MPS is not available here")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def build_optimizer(
+    name: str, parameters, lr: float, device: torch.device
+) -> torch.optim.Optimizer:
+    # The fused kernels update all tensors in one call: about 0.3 ms less per CPU step.
+    fused = device.type in ("cpu", "cuda") or None
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, fused=fused)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, fused=fused)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=True)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def build_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-batch learning-rate schedule over the whole run."""
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
+    if name == "constant":
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    raise ValueError(f"unknown lr_schedule {name!r}")
+
+
+def fit(
+    config,
+    splits: MnistSplits,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> FitResult:
+    """Train a network described by `config` (a TrainConfig) on `splits.train`, validating
+    on `splits.validation` after every epoch; `on_epoch` sees each epoch's metrics."""
+    device = splits.train.images.device
+    torch.manual_seed(config.seed)  # weights and dropout
+    shuffle = torch.Generator().manual_seed(config.seed)
+    model = build_model(config).to(device)
+    if config.model == "cnn" and device.type != "mps":
+        # oneDNN/cuDNN convolutions and pooling run much faster in NHWC (measured 1.6x on CPU).
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr, device)
+    steps_per_epoch = -(-len(splits.train) // config.batch_size)
+    scheduler = build_scheduler(
+        config.lr_schedule, optimizer, config.lr, steps_per_epoch * config.epochs
+    )
+    result = FitResult(model=model)
+    started = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        train_loss, train_accuracy = _train_one_epoch(
+            model, optimizer, scheduler, splits.train, config.batch_size, shuffle
+        )
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch}")
+        validation_loss, validation_accuracy = evaluate_loss_accuracy(model, splits.validation)
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_accuracy=train_accuracy,
+            validation_loss=validation_loss,
+            validation_accuracy=validation_accuracy,
+            seconds=time.perf_counter() - epoch_started,
+        )
+        result.history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
+    result.seconds = time.perf_counter() - started
+    model.eval()
+    return result
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    split: Split,
+    batch_size: int,
+    shuffle: torch.Generator,
+) -> tuple[float, float]:
+    model.train()
+    images, labels = split.images, split.labels
+    order = torch.randperm(len(split), generator=shuffle).to(images.device)
+    # Sums stay on the device: reading them per batch would sync a GPU every step.
+    loss_sum = torch.zeros((), device=images.device)
+    correct = torch.zeros((), dtype=torch.long, device=images.device)
+    for batch in order.split(batch_size):
+        # index_select is several times faster than fancy indexing for row gathers.
+        batch_images, batch_labels = images.index_select(0, batch), labels.index_select(0, batch)
+        logits = model(batch_images)
+        loss = F.cross_entropy(logits, batch_labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            loss_sum += loss * len(batch)
+            correct += (logits.argmax(dim=1) == batch_labels).sum()
+    count = len(split)
+    return loss_sum.item() / count, correct.item() / count
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Logits for normalized images, in large batches, with the model in eval mode."""
+    model.eval()
+    return torch.cat([model(chunk) for chunk in images.split(EVAL_BATCH_SIZE)])
+
+
+def evaluate_loss_accuracy(model: nn.Module, split: Split) -> tuple[float, float]:
+    logits = predict_logits(model, split.images)
+    loss = F.cross_entropy(logits, split.labels).item()
+    accuracy = (logits.argmax(dim=1) == split.labels).float().mean().item()
+    return loss, accuracy
