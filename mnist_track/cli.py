@@ -30,8 +30,9 @@ class IntList(click.ParamType):
         try:
             sizes = tuple(int(part) for part in str(value).replace(" ", "").split(",") if part)
         except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of integers, e.g. 128,64",
-                      param, ctx)
+            self.fail(
+                f"{value!r} is not a comma-separated list of integers, e.g. 128,64", param, ctx
+            )
         if any(size <= 0 for size in sizes):
             self.fail(f"{value!r}: every size must be a positive integer", param, ctx)
         return sizes
@@ -61,18 +62,32 @@ def domain_errors():
 
 
 # Names, not classes, so this module need not import torch or MLflow to know them.
-EXPECTED_ERRORS = {"DataError", "TrackingError", "StudyError", "TrainingDiverged",
-                   "MlflowException", "InvalidPixels"}
+EXPECTED_ERRORS = {
+    "DataError",
+    "TrackingError",
+    "StudyError",
+    "TrainingDiverged",
+    "MlflowException",
+    "InvalidPixels",
+}
 
 data_dir_option = click.option(
-    "--data-dir", type=click.Path(file_okay=False), envvar="MNIST_TRACK_DATA",
-    help="Folder with the four MNIST IDX files [env MNIST_TRACK_DATA; default ./data].")
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    envvar="MNIST_TRACK_DATA",
+    help="Folder with the four MNIST IDX files [env MNIST_TRACK_DATA; default ./data].",
+)
 download_option = click.option(
-    "--download/--no-download", default=True, show_default=True,
-    help="Fetch missing MNIST files with torchvision's downloader (needs internet).")
+    "--download/--no-download",
+    default=True,
+    show_default=True,
+    help="Fetch missing MNIST files with torchvision's downloader (needs internet).",
+)
 tracking_uri_option = click.option(
-    "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
-    help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///mlflow.db].")
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///mlflow.db].",
+)
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 
 
@@ -83,16 +98,23 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              help="YAML training config (top level, or the `train:` section of a study).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="YAML training config (top level, or the `train:` section of a study).",
+)
 @click.option("--model", type=click.Choice(["mlp", "cnn"]), help="Model family [mlp].")
 @click.option("--hidden-sizes", type=IntList(), help="Hidden layer sizes [128,64].")
 @click.option("--channels", type=IntList(), help="CNN conv channels [16,32].")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="Dropout [0.2].")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), help="[adam]")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), help="Learning rate [1e-3].")
-@click.option("--lr-schedule", type=click.Choice(["cosine", "onecycle", "constant"]),
-              help="Learning-rate schedule [cosine].")
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["cosine", "onecycle", "constant"]),
+    help="Learning-rate schedule [cosine].",
+)
 @click.option("--batch-size", type=click.IntRange(1), help="[128]")
 @click.option("--epochs", type=click.IntRange(1), help="[10]")
 @click.option("--seed", type=int, help="Seed for weights, dropout and shuffling [0].")
@@ -104,14 +126,34 @@ def main() -> None:
 @download_option
 @tracking_uri_option
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True)
-@click.option("--registered-model", default=DEFAULT_REGISTERED_MODEL, show_default=True,
-              help="Registered model that receives the new version.")
-@click.option("--register/--no-register", default=True, show_default=True,
-              help="Register the model (and move `champion` if it is the best).")
+@click.option(
+    "--registered-model",
+    default=DEFAULT_REGISTERED_MODEL,
+    show_default=True,
+    help="Registered model that receives the new version.",
+)
+@click.option(
+    "--register/--no-register",
+    default=True,
+    show_default=True,
+    help="Register the model (and move `champion` if it is the best).",
+)
 @click.option("--run-name", help="MLflow run name [generated].")
 @quiet_option
-def train(config_path, data_dir, download, tracking_uri, experiment, registered_model, register,
-          run_name, quiet, train_limit, test_limit, **options) -> None:
+def train(
+    config_path,
+    data_dir,
+    download,
+    tracking_uri,
+    experiment,
+    registered_model,
+    register,
+    run_name,
+    quiet,
+    train_limit,
+    test_limit,
+    **options,
+) -> None:
     """Train one classifier and log it to MLflow as a run and a registered model version."""
     with domain_errors():
         from mnist_track.config import load_train_config
@@ -128,11 +170,19 @@ def train(config_path, data_dir, download, tracking_uri, experiment, registered_
 
         tracking.use_tracking_uri(tracking_uri)
         raw = load_mnist(data_dir, download=download)
-        splits = make_splits(raw, val_size=config.val_size, split_seed=config.split_seed,
-                             device=device, train_limit=config.train_limit,
-                             test_limit=config.test_limit)
+        splits = make_splits(
+            raw,
+            val_size=config.val_size,
+            split_seed=config.split_seed,
+            device=device,
+            train_limit=config.train_limit,
+            test_limit=config.test_limit,
+        )
         outcome = train_and_track(
-            config, splits, experiment=experiment, run_name=run_name,
+            config,
+            splits,
+            experiment=experiment,
+            run_name=run_name,
             registered_model=registered_model if register else None,
             on_epoch=EpochProgress(config.epochs, quiet),
         )
@@ -150,8 +200,13 @@ def _device(name: str):
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--model-uri", "-m", default=f"models:/{DEFAULT_REGISTERED_MODEL}@champion",
-              show_default=True, help="Any MLflow model URI: models:/NAME/3, runs:/ID/model, ...")
+@click.option(
+    "--model-uri",
+    "-m",
+    default=f"models:/{DEFAULT_REGISTERED_MODEL}@champion",
+    show_default=True,
+    help="Any MLflow model URI: models:/NAME/3, runs:/ID/model, ...",
+)
 @tracking_uri_option
 def predict(images, model_uri, tracking_uri) -> None:
     """Classify PNG/JPEG digit images (files or folders) with a logged model."""
@@ -165,8 +220,9 @@ def predict(images, model_uri, tracking_uri) -> None:
         pixels = np.stack([image_file_to_pixels(path.read_bytes(), str(path)) for path in paths])
         tracking.use_tracking_uri(tracking_uri)
         predictions = tracking.load_model(model_uri).predict(pixels)
-        for path, digit, probabilities in zip(paths, predictions["digit"], strict=True,
-                                              predictions["probabilities"]):
+        for path, digit, probabilities in zip(
+            paths, predictions["digit"], predictions["probabilities"], strict=True
+        ):
             click.echo(f"{path}\t{digit}\t{max(probabilities):.4f}")
 
 
@@ -180,6 +236,130 @@ def _image_paths(arguments) -> list[Path]:
     if not paths:
         raise click.BadParameter("no PNG/JPEG images found", param_hint="IMAGES")
     return paths
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.option("--n-trials", type=click.IntRange(0), help="Trials in the study (0: the file's).")
+@click.option("--timeout", type=click.FloatRange(0), help="Seconds for this run (0: the file's).")
+@click.option("--study-name", help="Study name [the file's, else its stem].")
+@click.option("--storage", help="Optuna storage URL [sqlite optuna.db beside mlflow.db].")
+@click.option("--experiment", help="MLflow experiment [the file's].")
+@click.option("--registered-model", help="Registered model [the file's].")
+@click.option("--device", help="auto, cpu, cuda, mps [the file's train.device].")
+@data_dir_option
+@download_option
+@tracking_uri_option
+@quiet_option
+def tune(
+    config_path,
+    n_trials,
+    timeout,
+    study_name,
+    storage,
+    experiment,
+    registered_model,
+    device,
+    data_dir,
+    download,
+    tracking_uri,
+    quiet,
+) -> None:
+    """Run (or resume) the Optuna study described by CONFIG, e.g. experiments/mlp.yaml."""
+    with domain_errors():
+        from mnist_track.config import load_study_config
+
+        study_config = load_study_config(
+            config_path,
+            {
+                "n_trials": n_trials or None,
+                "timeout": timeout or None,
+                "study_name": study_name or None,
+                "experiment": experiment,
+                "registered_model": registered_model,
+            },
+        )
+        if device:
+            study_config = study_config.model_copy(
+                update={"train": study_config.train.model_copy(update={"device": device})}
+            )
+        torch_device = _device(study_config.train.device)
+
+        from mnist_track import tracking
+        from mnist_track.console import EpochProgress, study_summary, trial_line
+        from mnist_track.data import load_mnist, make_splits
+        from mnist_track.tune import default_storage_url, run_study
+
+        storage_url = storage or default_storage_url(tracking.use_tracking_uri(tracking_uri))
+        train_config = study_config.train
+        raw = load_mnist(data_dir, download=download)
+        splits = make_splits(
+            raw,
+            val_size=train_config.val_size,
+            split_seed=train_config.split_seed,
+            device=torch_device,
+            train_limit=train_config.train_limit,
+            test_limit=train_config.test_limit,
+        )
+        progress = EpochProgress(train_config.epochs, quiet)
+        _stop_on_sigterm()
+        result = run_study(
+            study_config,
+            splits,
+            storage_url,
+            on_trial=lambda trial: click.echo(trial_line(trial)),
+            on_epoch=lambda number, epoch: progress(epoch, prefix=f"trial {number} "),
+        )
+        click.echo(study_summary(result, study_config.registered_model))
+
+
+def _stop_on_sigterm() -> None:
+    """`kill` ends a study like Ctrl-C: the running trial and runs are closed properly."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+@main.command()
+@click.option("--storage", help="Optuna storage URL [sqlite optuna.db beside mlflow.db].")
+@tracking_uri_option
+def studies(storage, tracking_uri) -> None:
+    """List the studies in a storage with their trial counts and best values."""
+    with domain_errors():
+        from mnist_track.tune import default_storage_url, study_summaries
+
+        if not storage:
+            from mnist_track import tracking
+
+            storage = default_storage_url(tracking.use_tracking_uri(tracking_uri))
+        rows = study_summaries(storage)
+        if not rows:
+            click.echo(f"no studies in {storage}")
+        for row in rows:
+            best = (
+                "-"
+                if row["best_trial"] is None
+                else (f"{row['best_value']:.4f} (trial {row['best_trial']})")
+            )
+            click.echo(f"{row['study']}\ttrials {row['trials']}\tbest {best}")
+
+
+@main.command()
+@click.argument("registered_model")
+@click.argument("version")
+@click.option("--alias", default="champion", show_default=True)
+@tracking_uri_option
+def promote(registered_model, version, alias, tracking_uri) -> None:
+    """Point ALIAS of REGISTERED_MODEL at VERSION by hand."""
+    with domain_errors():
+        from mnist_track import tracking
+
+        tracking.use_tracking_uri(tracking_uri)
+        tracking.set_alias(registered_model, version, alias)
+        click.echo(f"models:/{registered_model}@{alias} -> version {version}")
 
 
 @main.command()

@@ -145,9 +145,8 @@ class StudyConfig(_Frozen):
         allowed = set(SCALAR_SEARCH_KEYS) | set(LAYER_SEARCH_KEYS)
         for key, spec in self.search_space.items():
             if key not in allowed:
-                raise ValueError(
-                    f"search_space.{key}: unknown parameter; searchable: {', '.join(sorted(allowed))}"
-                )
+                searchable = ", ".join(sorted(allowed))
+                raise ValueError(f"search_space.{key}: unknown parameter; searchable: {searchable}")
             if key in COUNT_KEYS and isinstance(spec, IntParam) and spec.low < 1:
                 raise ValueError(f"search_space.{key}: a layer count needs low >= 1")
         if self.n_trials is None and self.timeout is None:

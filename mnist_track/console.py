@@ -19,11 +19,11 @@ class EpochProgress:
         self.enabled = not quiet and sys.stderr.isatty()
         self.prefix = prefix
 
-    def __call__(self, epoch) -> None:
+    def __call__(self, epoch, prefix: str = "") -> None:
         if not self.enabled:
             return
         click.echo(
-            f"{self.prefix}epoch {epoch.epoch:>2}/{self.total_epochs}  "
+            f"{self.prefix}{prefix}epoch {epoch.epoch:>2}/{self.total_epochs}  "
             f"train loss {epoch.train_loss:.4f} acc {epoch.train_accuracy:.2%}  "
             f"val loss {epoch.validation_loss:.4f} acc {epoch.validation_accuracy:.2%}  "
             f"{epoch.seconds:.1f}s",
@@ -44,4 +44,48 @@ def run_summary(outcome, registered_model: str | None) -> str:
             f"  model               models:/{registered_model}/{outcome.model_version}"
             + ("  (now champion)" if outcome.champion else "")
         )
+    return "\n".join(lines)
+
+
+def trial_line(trial) -> str:
+    """One line per finished trial (an Optuna FrozenTrial)."""
+    attrs = trial.user_attrs
+    line = f"trial {trial.number:>3} {trial.state.name:<8}"
+    if trial.value is not None:
+        line += f" val {trial.value:.4f}"
+    if "test_accuracy" in attrs:
+        line += f" test {attrs['test_accuracy']:.4f}"
+    if attrs.get("model_version"):
+        line += f" version {attrs['model_version']}"
+    if trial.state.name == "PRUNED" and trial.intermediate_values:
+        line += f" after epoch {max(trial.intermediate_values)}"
+    if "error" in attrs:
+        line += f" error: {attrs['error']}"
+    params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+    return f"{line}  [{params}]"
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def study_summary(result, registered_model: str) -> str:
+    counts = result.counts()
+    lines = [
+        f"study {result.study.study_name}: {counts['complete']} complete, {counts['pruned']} "
+        f"pruned, {counts['fail']} failed ({result.ran} run now; storage {result.storage_url})",
+        f"  parent run {result.parent_run_id}",
+    ]
+    best = result.best_trial
+    if best is None:
+        lines.append("  no completed trial yet")
+        return "\n".join(lines)
+    params = ", ".join(f"{k}={_short(v)}" for k, v in best.params.items())
+    lines += [
+        f"  best trial {best.number}: {params}",
+        f"    validation accuracy {best.value:.4f}",
+        f"    test accuracy       {best.user_attrs.get('test_accuracy', float('nan')):.4f}",
+        f"    model version       {best.user_attrs.get('model_version')}",
+        f"  serve the champion:   models:/{registered_model}@champion",
+    ]
     return "\n".join(lines)

@@ -68,6 +68,7 @@ def train_and_track(
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, Any] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
     killed_on: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
     version_tags: Mapping[str, Any] | None = None,
 ) -> RunOutcome:
@@ -78,6 +79,8 @@ def train_and_track(
     with tracking.start_run(
         experiment, run_name, tags=tags, parent_run_id=parent_run_id, killed_on=killed_on
     ) as log:
+        if on_start is not None:
+            on_start(log.run_id)
         log.log_params(config.to_params())
 
         def log_epoch(epoch: EpochMetrics) -> None:

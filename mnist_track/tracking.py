@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
+
+# Artifact transfers are local and fast; their progress bars only clutter the output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 CHAMPION_ALIAS = "champion"
 MODEL_NAME_IN_RUN = "model"
@@ -153,6 +157,11 @@ def git_commit(cwd: str | Path = ".") -> str | None:
     return result.stdout.strip() or None
 
 
+def set_run_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    """Tags on any run, running or ended."""
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
 def end_stale_run(run_id: str, status: str = "FAILED", reason: str | None = None) -> bool:
     """End a run left RUNNING by a process that died; False if it already ended."""
     client = MlflowClient()
@@ -199,19 +208,22 @@ def log_model(
             str(weights_path),
         )
         architecture_path.write_text(json.dumps(dict(architecture), indent=2))
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME_IN_RUN,
-            python_model=str(MODEL_CODE),
-            artifacts={
-                WEIGHTS_ARTIFACT: str(weights_path),
-                ARCHITECTURE_ARTIFACT: str(architecture_path),
-            },
-            code_paths=[str(PACKAGE_DIR)],
-            signature=model_signature(),
-            input_example=example_pixels,
-            pip_requirements=pip_requirements(),
-            registered_model_name=registered_model,
-        )
+        with warnings.catch_warnings():
+            # MLflow suggests type hints on predict(); this model validates its own input.
+            warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME_IN_RUN,
+                python_model=str(MODEL_CODE),
+                artifacts={
+                    WEIGHTS_ARTIFACT: str(weights_path),
+                    ARCHITECTURE_ARTIFACT: str(architecture_path),
+                },
+                code_paths=[str(PACKAGE_DIR)],
+                signature=model_signature(),
+                input_example=example_pixels,
+                pip_requirements=pip_requirements(),
+                registered_model_name=registered_model,
+            )
     version = getattr(info, "registered_model_version", None)
     return str(version) if version is not None else None
 
