@@ -1,0 +1,83 @@
+"""Shared fixtures: the real MNIST files, small splits, and a throw-away MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN_DIR = Path(sys.executable).parent  # the virtual environment's bin/: mnist-track, mlflow
+
+
+def mnist_dir() -> Path:
+    """$MNIST_TRACK_DATA, else the shared offline copy beside the repository."""
+    return Path(os.environ.get("MNIST_TRACK_DATA") or REPO_ROOT.parent / "shared" / "mnist")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    folder = mnist_dir()
+    if not (folder / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"MNIST files not found in {folder}: set MNIST_TRACK_DATA")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def raw_mnist(data_dir):
+    from mnist_track.data import load_mnist
+
+    return load_mnist(data_dir, download=False)
+
+
+@pytest.fixture(scope="session")
+def small_splits(raw_mnist):
+    """2,000 training, 1,000 validation and 500 test images on the CPU."""
+    import torch
+
+    from mnist_track.data import make_splits
+
+    return make_splits(raw_mnist, val_size=1000, split_seed=0, device=torch.device("cpu"),
+                       train_limit=2000, test_limit=500)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite tracking store in tmp_path (also the working directory), set for
+    this process and for subprocesses."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if mlflow.active_run():
+        mlflow.end_run()
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for CLI subprocesses: the venv's bin first on PATH (mlflow models
+    serve runs uvicorn from PATH), the MNIST files, and the current tracking URI."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
+    env["MNIST_TRACK_DATA"] = str(mnist_dir())
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 600, cwd=None, **env: str):
+    """`mnist-track ARGS` as a subprocess; returns the CompletedProcess."""
+    result = subprocess.run(
+        [str(BIN_DIR / "mnist-track"), *args], capture_output=True, text=True,
+        env=cli_env(**env), timeout=timeout, cwd=cwd,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"mnist-track {' '.join(args)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
+    return result

@@ -1,0 +1,313 @@
+"""Unit tests for mnist_track.config: validation, YAML loading, overrides, shipped files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from mnist_track.config import (
+    ConfigError,
+    StudyConfig,
+    TrainConfig,
+    load_study_config,
+    load_train_config,
+)
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+SHIPPED = sorted(EXPERIMENTS.glob("*.yaml"))
+
+LR_SPACE = {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+
+
+def write_yaml(folder: Path, name: str, data) -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def config_error(loader, path: Path, overrides=None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        loader(path, overrides or {})
+    return str(caught.value)
+
+
+# --- TrainConfig / StudyConfig as models -------------------------------------------------
+
+
+def test_train_config_defaults_are_the_classic_mlp():
+    config = TrainConfig()
+    assert config.model == "mlp"
+    assert config.hidden_sizes == (128, 64)
+    assert config.optimizer == "adam"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"epochs": 0},
+        {"batch_size": -1},
+        {"lr": 0.0},
+        {"dropout": 1.0},
+        {"dropout": -0.1},
+        {"hidden_sizes": [128, 0]},
+        {"model": "transformer"},
+        {"optimizer": "rmsprop"},
+        {"lr_schedule": "step"},
+        {"val_size": 60000},
+        {"model": "cnn", "channels": []},
+        {"train_limit": 0},
+        {"no_such_field": 1},
+    ],
+)
+def test_train_config_rejects_invalid_fields(fields):
+    with pytest.raises(ValidationError):
+        TrainConfig(**fields)
+
+
+def test_train_config_is_frozen():
+    config = TrainConfig()
+    with pytest.raises(ValidationError):
+        config.epochs = 3
+
+
+def test_train_config_to_params_is_flat_strings():
+    config = TrainConfig(hidden_sizes=(256, 32), train_limit=100)
+    params = config.to_params()
+    assert set(params) == set(TrainConfig.model_fields)
+    assert all(isinstance(value, str) for value in params.values())
+    assert params["hidden_sizes"] == "256,32"
+    assert params["train_limit"] == "100"
+    assert params["test_limit"] == "None"
+
+
+def test_study_config_with_timeout_only_is_valid():
+    study = StudyConfig(study_name="s", n_trials=None, timeout=30, search_space=LR_SPACE)
+    assert study.n_trials is None and study.timeout == 30
+
+
+def test_study_config_needs_a_search_space():
+    with pytest.raises(ValidationError):
+        StudyConfig(study_name="s", search_space={})
+
+
+# --- load_train_config -------------------------------------------------------------------
+
+
+def test_load_train_config_reads_the_top_level(tmp_path):
+    path = write_yaml(tmp_path, "run.yaml", {"model": "cnn", "epochs": 4, "channels": [8, 16]})
+    config = load_train_config(path, {})
+    assert (config.model, config.epochs, config.channels) == ("cnn", 4, (8, 16))
+
+
+def test_load_train_config_without_file_uses_overrides(tmp_path):
+    assert load_train_config(None, {"epochs": 3, "lr": None}).epochs == 3
+    assert load_train_config(None, {}) == TrainConfig()
+
+
+def test_load_train_config_empty_file_gives_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_train_config(path, {}) == TrainConfig()
+
+
+def test_overrides_win_over_the_file_and_none_is_ignored(tmp_path):
+    path = write_yaml(tmp_path, "run.yaml", {"epochs": 5, "lr": 0.01, "seed": 7})
+    config = load_train_config(path, {"epochs": 2, "lr": None, "seed": None, "batch_size": 64})
+    assert config.epochs == 2  # override wins
+    assert config.lr == 0.01  # None override ignored: the file's value stays
+    assert config.seed == 7
+    assert config.batch_size == 64
+
+
+def test_load_train_config_uses_the_train_section_of_a_study_file(tmp_path):
+    path = write_yaml(
+        tmp_path,
+        "study.yaml",
+        {"n_trials": 3, "train": {"epochs": 2, "model": "mlp"}, "search_space": LR_SPACE},
+    )
+    config = load_train_config(path, {"seed": 5})
+    assert (config.epochs, config.seed) == (2, 5)
+
+
+@pytest.mark.xfail(
+    reason="load_train_config falls back to the whole study dict (raw.get('train', raw)) when a "
+    "study file has no train: section, so 'search_space' is reported as an unknown key",
+    strict=True,
+)
+def test_load_train_config_on_a_study_file_without_train_section(tmp_path):
+    path = write_yaml(tmp_path, "study.yaml", {"n_trials": 3, "search_space": LR_SPACE})
+    assert load_train_config(path, {}) == load_study_config(path, {}).train
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    path = write_yaml(tmp_path, "run.yaml", {"epochz": 3})
+    message = config_error(load_train_config, path)
+    assert str(path) in message
+    assert "epochz" in message and "unknown key" in message
+
+
+def test_wrong_type_names_file_and_key(tmp_path):
+    path = write_yaml(tmp_path, "run.yaml", {"epochs": "many"})
+    message = config_error(load_train_config, path)
+    assert str(path) in message
+    assert "epochs" in message and "integer" in message
+
+
+def test_invalid_override_names_the_key(tmp_path):
+    path = write_yaml(tmp_path, "run.yaml", {"epochs": 3})
+    message = config_error(load_train_config, path, {"batch_size": 0})
+    assert str(path) in message and "batch_size" in message
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [("- 1\n- 2\n", "mapping"), ("epochs: [1,\n", "not valid YAML")],
+)
+def test_unusable_yaml_names_the_file(tmp_path, content, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    for loader in (load_train_config, load_study_config):
+        message = config_error(loader, path)
+        assert str(path) in message and fragment in message
+
+
+def test_missing_file_names_the_file(tmp_path):
+    path = tmp_path / "absent.yaml"
+    for loader in (load_train_config, load_study_config):
+        message = config_error(loader, path)
+        assert str(path) in message and "cannot read" in message
+
+
+# --- load_study_config -------------------------------------------------------------------
+
+
+def test_load_study_config_defaults_name_to_file_stem(tmp_path):
+    path = write_yaml(tmp_path, "my-study.yaml", {"search_space": LR_SPACE})
+    study = load_study_config(path, {})
+    assert study.study_name == "my-study"
+    assert study.n_trials == 20  # n_trials has a default, so omitting both stop rules is fine
+    assert set(study.search_space) == {"lr"}
+
+
+def test_study_overrides_win_and_none_is_ignored(tmp_path):
+    path = write_yaml(
+        tmp_path,
+        "s.yaml",
+        {"study_name": "from-file", "n_trials": 9, "timeout": 60, "search_space": LR_SPACE},
+    )
+    study = load_study_config(path, {"n_trials": 2, "timeout": None, "study_name": None})
+    assert study.n_trials == 2
+    assert study.timeout == 60
+    assert study.study_name == "from-file"
+    renamed = load_study_config(path, {"study_name": "from-cli", "experiment": "exp"})
+    assert (renamed.study_name, renamed.experiment) == ("from-cli", "exp")
+
+
+def test_study_unknown_top_level_and_nested_keys(tmp_path):
+    top = write_yaml(tmp_path, "top.yaml", {"search_space": LR_SPACE, "bogus": 1})
+    message = config_error(load_study_config, top)
+    assert str(top) in message and "bogus: unknown key" in message
+
+    nested = write_yaml(tmp_path, "nested.yaml", {"search_space": LR_SPACE, "train": {"epocs": 1}})
+    message = config_error(load_study_config, nested)
+    assert str(nested) in message and "train.epocs: unknown key" in message
+
+    sampler = write_yaml(
+        tmp_path, "sampler.yaml", {"search_space": LR_SPACE, "sampler": {"type": "grid"}}
+    )
+    message = config_error(load_study_config, sampler)
+    assert str(sampler) in message and "sampler.type" in message
+
+
+@pytest.mark.parametrize(
+    ("space", "key", "fragment"),
+    [
+        ({"lr": {"type": "float", "low": 0.1, "high": 0.01}}, "search_space.lr", "empty range"),
+        (
+            {"hidden_units": {"type": "int", "low": 64, "high": 32}},
+            "search_space.hidden_units",
+            "empty range",
+        ),
+        ({"lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}, "search_space.lr", "log"),
+        (
+            {"hidden_units": {"type": "int", "low": -4, "high": 32, "log": True}},
+            "search_space.hidden_units",
+            "log",
+        ),
+        (
+            {"momentum": {"type": "float", "low": 0.1, "high": 0.9}},
+            "search_space.momentum",
+            "unknown parameter",
+        ),
+        (
+            {"hidden_layers": {"type": "int", "low": 0, "high": 2}},
+            "search_space.hidden_layers",
+            "low >= 1",
+        ),
+        ({"lr": {"type": "gaussian", "low": 0.1, "high": 0.2}}, "search_space.lr", "gaussian"),
+        ({"lr": {"type": "float", "low": "a", "high": 0.2}}, "search_space.lr.low", "number"),
+        (
+            {"batch_size": {"type": "categorical", "choices": []}},
+            "search_space.batch_size.choices",
+            "at least 1",
+        ),
+        (
+            {"lr": {"type": "float", "low": 0.1, "high": 0.2, "step": 0.1}},
+            "search_space.lr.step",
+            "unknown key",
+        ),
+        ({}, "search_space", "at least 1"),
+    ],
+)
+def test_bad_search_space_names_file_and_key(tmp_path, space, key, fragment):
+    path = write_yaml(tmp_path, "study.yaml", {"search_space": space})
+    message = config_error(load_study_config, path)
+    assert message.startswith(f"{path}: ")
+    assert key in message
+    assert fragment in message
+
+
+def test_equal_bounds_are_a_valid_range(tmp_path):
+    path = write_yaml(
+        tmp_path, "study.yaml", {"search_space": {"lr": {"type": "float", "low": 0.1, "high": 0.1}}}
+    )
+    assert load_study_config(path, {}).search_space["lr"].low == 0.1
+
+
+def test_missing_search_space_is_named(tmp_path):
+    path = write_yaml(tmp_path, "study.yaml", {"n_trials": 3})
+    message = config_error(load_study_config, path)
+    assert str(path) in message and "search_space" in message
+
+
+def test_study_needs_n_trials_or_timeout(tmp_path):
+    path = write_yaml(tmp_path, "study.yaml", {"n_trials": None, "search_space": LR_SPACE})
+    message = config_error(load_study_config, path)
+    assert str(path) in message
+    assert "n_trials" in message and "timeout" in message
+    # Either stop rule alone is enough, from the file or from an override.
+    assert load_study_config(path, {"timeout": 10.0}).timeout == 10.0
+    assert load_study_config(path, {"n_trials": 4}).n_trials == 4
+
+
+# --- the shipped experiment files --------------------------------------------------------
+
+
+def test_the_shipped_experiment_files_are_present():
+    assert {path.name for path in SHIPPED} >= {"quick.yaml", "mlp.yaml", "cnn.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.name)
+def test_shipped_experiment_files_load(path):
+    raw = yaml.safe_load(path.read_text())
+    study = load_study_config(path, {})
+    assert study.study_name == raw.get("study_name", path.stem)
+    assert set(study.search_space) == set(raw["search_space"])
+    for key, value in raw.get("train", {}).items():
+        expected = tuple(value) if isinstance(value, list) else value
+        assert getattr(study.train, key) == expected, key
+    # The train command reads the same file's train: section.
+    assert load_train_config(path, {}) == study.train
