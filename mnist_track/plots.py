@@ -1,7 +1,8 @@
 """Figures of a run: pure functions from numbers and images to matplotlib Figures.
 
-Figures are built with the object API (no pyplot state), so they are cheap, need no
-closing and can be drawn from any thread.
+Figures are built with the object API (no pyplot state), so they need no closing and can
+be drawn from any thread. They are kept cheap because every trial draws them: fixed
+margins instead of a layout engine, and a digit grid is one image, not one axes per digit.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ DPI = 80  # small PNGs: quick to render and to store, still readable in the MLfl
 def training_curves(history: Sequence) -> Figure:
     """Loss and accuracy per epoch, train vs validation (from EpochMetrics)."""
     epochs = [h.epoch for h in history]
-    figure = Figure(figsize=(9, 3.5), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(9, 3.5), dpi=DPI)
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     loss_axes.plot(epochs, [h.train_loss for h in history], "o-", label="train")
     loss_axes.plot(epochs, [h.validation_loss for h in history], "o-", label="validation")
@@ -35,7 +37,8 @@ def training_curves(history: Sequence) -> Figure:
 
 
 def confusion_matrix(confusion: np.ndarray) -> Figure:
-    figure = Figure(figsize=(5.5, 5), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(5.5, 5), dpi=DPI)
+    figure.subplots_adjust(left=0.12, right=0.95, bottom=0.1, top=0.92)
     axes = figure.subplots()
     image = axes.imshow(confusion, cmap="Blues")
     threshold = confusion.max() / 2
@@ -64,7 +67,8 @@ def confusion_matrix(confusion: np.ndarray) -> Figure:
 
 def per_class_scores(report: ClassificationReport) -> Figure:
     """Precision, recall and F1 of each digit as grouped bars."""
-    figure = Figure(figsize=(9, 3.5), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(9, 3.5), dpi=DPI)
+    figure.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.9)
     axes = figure.subplots()
     digits = np.arange(N_CLASSES)
     width = 0.27
@@ -93,19 +97,31 @@ def digit_grid(
     title: str,
     columns: int = 8,
 ) -> Figure:
-    """Images (N, 28, 28) with 'true / predicted' under each; wrong ones in red."""
+    """Images (N, 28, 28) tiled into one picture, 'true / predicted' above each digit;
+    wrong ones in red."""
     count = len(images)
     rows = max(1, -(-count // columns))
-    figure = Figure(figsize=(columns * 1.1, rows * 1.25 + 0.4), dpi=DPI, layout="constrained")
-    figure.suptitle(title)
-    axes_grid = np.atleast_1d(figure.subplots(rows, columns)).ravel()
-    for index, axes in enumerate(axes_grid):
-        axes.set_axis_off()
-        if index >= count:
-            continue
-        axes.imshow(images[index], cmap="gray")
+    cell = 36  # pixels per tile: the digit and a margin for its label
+    mosaic = np.zeros((rows * cell, columns * cell), dtype=np.float32)
+    for index in range(count):
+        row, column = divmod(index, columns)
+        top, left = row * cell + (cell - 28), column * cell + 4
+        mosaic[top : top + 28, left : left + 28] = images[index]
+    figure = Figure(figsize=(columns * 1.0, rows * 1.15 + 0.4), dpi=DPI)
+    axes = figure.add_axes((0.01, 0.01, 0.98, 0.98 - 0.4 / (rows * 1.15 + 0.4)))
+    axes.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    axes.set_axis_off()
+    for index in range(count):
+        row, column = divmod(index, columns)
         true, predicted = int(true_labels[index]), int(predicted_labels[index])
-        axes.set_title(
-            f"{true} / {predicted}", fontsize=9, color="black" if true == predicted else "red"
+        axes.text(
+            column * cell + cell / 2,
+            row * cell + 4,
+            f"{true} / {predicted}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if true == predicted else "#ff6b6b",
         )
+    figure.suptitle(title, fontsize=10)
     return figure
