@@ -6,6 +6,7 @@ MLflow and Optuna are imported by the command that needs them.
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,6 +96,8 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress out
 @click.version_option(__version__, prog_name="mnist-track")
 def main() -> None:
     """Train, tune, track, register and serve MNIST digit classifiers."""
+    # MLflow's INFO lines (table creation, input-example validation) bury the results.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 @main.command()

@@ -17,6 +17,7 @@ import base64
 import binascii
 import io
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -141,6 +142,14 @@ def image_file_to_pixels(content: bytes, label: str) -> np.ndarray:
         ) from None
     border = np.concatenate([pixels[:IMAGE_SIDE], pixels[-IMAGE_SIDE:]])
     return 255.0 - pixels if border.mean() > 127 else pixels
+
+
+# MLflow suggests type hints on predict() when a PythonModel class is defined; this model
+# takes several input formats and validates them itself, so the hint-based schema is not
+# wanted.
+warnings.filterwarnings(
+    "ignore", message=r".*Add type hints to the `predict`", category=UserWarning
+)
 
 
 class DigitClassifier(PythonModel):

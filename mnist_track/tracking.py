@@ -14,7 +14,6 @@ import subprocess
 import tempfile
 import time
 import traceback
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -208,22 +207,19 @@ def log_model(
             str(weights_path),
         )
         architecture_path.write_text(json.dumps(dict(architecture), indent=2))
-        with warnings.catch_warnings():
-            # MLflow suggests type hints on predict(); this model validates its own input.
-            warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME_IN_RUN,
-                python_model=str(MODEL_CODE),
-                artifacts={
-                    WEIGHTS_ARTIFACT: str(weights_path),
-                    ARCHITECTURE_ARTIFACT: str(architecture_path),
-                },
-                code_paths=[str(PACKAGE_DIR)],
-                signature=model_signature(),
-                input_example=example_pixels,
-                pip_requirements=pip_requirements(),
-                registered_model_name=registered_model,
-            )
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN,
+            python_model=str(MODEL_CODE),
+            artifacts={
+                WEIGHTS_ARTIFACT: str(weights_path),
+                ARCHITECTURE_ARTIFACT: str(architecture_path),
+            },
+            code_paths=[str(PACKAGE_DIR)],
+            signature=model_signature(),
+            input_example=example_pixels,
+            pip_requirements=pip_requirements(),
+            registered_model_name=registered_model,
+        )
     version = getattr(info, "registered_model_version", None)
     return str(version) if version is not None else None
 
