@@ -160,7 +160,8 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
     data: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(path)
-        data = dict(raw.get("train", raw)) if "search_space" in raw else dict(raw)
+        # A study file holds the training settings under `train:` (default: none).
+        data = dict(raw.get("train") or {}) if "search_space" in raw else dict(raw)
     data.update({key: value for key, value in overrides.items() if value is not None})
     return _validate(TrainConfig, data, path)
 

@@ -181,7 +181,8 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (or 0..255 float) pixels of shape (N, 28, 28) or (N, 784) -> the float32
     (N, 1, 28, 28) tensor the networks take. Training and serving both go through here."""
     images = pixels.reshape(-1, 1, 28, 28).to(torch.float32)
-    return images.mul_(1.0 / (255.0 * PIXEL_STD)).sub_(PIXEL_MEAN / PIXEL_STD)
+    # Out of place: float input must not be changed under its caller.
+    return images * (1.0 / (255.0 * PIXEL_STD)) - PIXEL_MEAN / PIXEL_STD
 
 
 def make_splits(

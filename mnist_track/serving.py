@@ -61,6 +61,12 @@ def decode_images(model_input) -> np.ndarray:
             f"expected a list of images, got named fields {sorted(model_input)}; "
             'send {"inputs": [image, ...]}'
         )
+    if (
+        isinstance(model_input, (list, tuple))
+        and model_input
+        and all(isinstance(item, (str, bytes)) for item in model_input)
+    ):
+        model_input = np.array(model_input, dtype=object)
     array = model_input if isinstance(model_input, np.ndarray) else _as_array(model_input)
     if array.ndim == 0 or len(array) == 0:
         raise InvalidPixels("expected a non-empty list of images")

@@ -132,11 +132,6 @@ def test_load_train_config_uses_the_train_section_of_a_study_file(tmp_path):
     assert (config.epochs, config.seed) == (2, 5)
 
 
-@pytest.mark.xfail(
-    reason="load_train_config falls back to the whole study dict (raw.get('train', raw)) when a "
-    "study file has no train: section, so 'search_space' is reported as an unknown key",
-    strict=True,
-)
 def test_load_train_config_on_a_study_file_without_train_section(tmp_path):
     path = write_yaml(tmp_path, "study.yaml", {"n_trials": 3, "search_space": LR_SPACE})
     assert load_train_config(path, {}) == load_study_config(path, {}).train

@@ -1,0 +1,108 @@
+"""Unit tests for mnist_track.plots: every figure renders to a PNG."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from mnist_track import plots
+from mnist_track.metrics import classification_report
+from mnist_track.train import EpochMetrics
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_bytes(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def assert_renders(figure) -> None:
+    assert isinstance(figure, Figure)
+    content = png_bytes(figure)
+    assert content.startswith(PNG_SIGNATURE)
+    assert len(content) > 1000  # something was drawn
+
+
+@pytest.fixture(scope="module")
+def report():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (300,), generator=generator)
+    logits = torch.randn(300, 10, generator=generator)
+    logits[torch.arange(200), labels[:200]] += 5.0  # two thirds right
+    return classification_report(logits, labels)
+
+
+def history(epochs: int) -> list[EpochMetrics]:
+    return [
+        EpochMetrics(
+            epoch=epoch,
+            train_loss=1.0 / epoch,
+            train_accuracy=1 - 0.5 / epoch,
+            validation_loss=1.2 / epoch,
+            validation_accuracy=1 - 0.6 / epoch,
+            seconds=0.5,
+        )
+        for epoch in range(1, epochs + 1)
+    ]
+
+
+@pytest.mark.parametrize("epochs", [1, 4])
+def test_training_curves(epochs):
+    figure = plots.training_curves(history(epochs))
+    assert_renders(figure)
+    loss_axes, accuracy_axes = figure.axes
+    assert [line.get_label() for line in loss_axes.get_lines()] == ["train", "validation"]
+    np.testing.assert_allclose(
+        accuracy_axes.get_lines()[1].get_ydata(), [h.validation_accuracy for h in history(epochs)]
+    )
+
+
+def test_confusion_matrix(report):
+    figure = plots.confusion_matrix(report.confusion)
+    assert_renders(figure)
+    texts = [text.get_text() for text in figure.axes[0].texts]
+    assert texts == [str(count) for count in report.confusion.ravel()]
+
+
+def test_confusion_matrix_all_zero():
+    assert_renders(plots.confusion_matrix(np.zeros((10, 10), dtype=np.int64)))
+
+
+def test_per_class_scores(report):
+    figure = plots.per_class_scores(report)
+    assert_renders(figure)
+    assert f"{report.macro_f1:.4f}" in figure.axes[0].get_title()
+    assert len(figure.axes[0].patches) == 30  # precision, recall, F1 for ten digits
+
+
+@pytest.mark.parametrize(("count", "columns"), [(1, 1), (5, 8), (10, 4)])
+def test_digit_grid(raw_mnist, count, columns):
+    images = raw_mnist.test_images[:count]
+    true = raw_mnist.test_labels[:count].tolist()
+    predicted = list(true)
+    predicted[0] = (true[0] + 1) % 10  # one mistake
+    figure = plots.digit_grid(images, true, predicted, "Mistakes", columns=columns)
+    assert_renders(figure)
+    assert figure.get_suptitle() == "Mistakes"
+    texts = [text for axes in figure.axes for text in axes.texts]
+    labels = [text.get_text() for text in texts]
+    assert labels == [f"{t} / {p}" for t, p in zip(true, predicted, strict=True)]
+    if count > 1:  # the mistake is drawn in another colour than the right answers
+        wrong, *right = (text.get_color() for text in texts)
+        assert all(color == right[0] for color in right)
+        assert wrong != right[0]
+
+
+def test_digit_grid_shows_the_digits(raw_mnist):
+    """The pixels drawn are the digits: an all-black set and a real set differ."""
+    true = raw_mnist.test_labels[:4].tolist()
+    real = png_bytes(plots.digit_grid(raw_mnist.test_images[:4], true, true, "t", columns=4))
+    blank = np.zeros_like(raw_mnist.test_images[:4])
+    empty = png_bytes(plots.digit_grid(blank, true, true, "t", columns=4))
+    assert real != empty

@@ -1,0 +1,219 @@
+"""Unit tests for mnist_track.train: the training loop, determinism, devices, schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mnist_track.config import TrainConfig
+from mnist_track.data import MnistSplits, Split
+from mnist_track.train import (
+    EpochMetrics,
+    TrainingDiverged,
+    build_optimizer,
+    build_scheduler,
+    evaluate_loss_accuracy,
+    fit,
+    resolve_device,
+)
+
+CPU = torch.device("cpu")
+
+
+def subset(splits: MnistSplits, train: int, validation: int) -> MnistSplits:
+    return MnistSplits(
+        train=Split(splits.train.images[:train], splits.train.labels[:train]),
+        validation=Split(
+            splits.validation.images[:validation], splits.validation.labels[:validation]
+        ),
+        test=splits.test,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_splits(small_splits) -> MnistSplits:
+    return subset(small_splits, train=256, validation=256)
+
+
+def test_fit_learns_and_reports_every_epoch(small_splits):
+    seen: list[EpochMetrics] = []
+    config = TrainConfig(epochs=3, lr=3e-3, seed=0)
+    result = fit(config, small_splits, on_epoch=seen.append)
+
+    assert [metrics.epoch for metrics in seen] == [1, 2, 3]
+    assert all(isinstance(metrics, EpochMetrics) for metrics in seen)
+    assert result.history == seen
+    for metrics in seen:
+        for value in metrics.as_dict().values():
+            assert math.isfinite(value)
+        assert 0.0 <= metrics.train_accuracy <= 1.0
+        assert 0.0 <= metrics.validation_accuracy <= 1.0
+        assert metrics.seconds > 0
+    # 2,000 images, 3 epochs: far above chance (0.1).
+    assert result.final_validation_accuracy > 0.6
+    assert result.best_validation_accuracy >= result.final_validation_accuracy
+    assert seen[-1].train_loss < seen[0].train_loss
+    assert result.seconds >= sum(metrics.seconds for metrics in seen) * 0.99
+
+    # The returned model is the trained one, in eval mode: re-evaluating it gives the
+    # last epoch's validation numbers.
+    assert not result.model.training
+    loss, accuracy = evaluate_loss_accuracy(result.model, small_splits.validation)
+    assert accuracy == pytest.approx(seen[-1].validation_accuracy)
+    assert loss == pytest.approx(seen[-1].validation_loss, rel=1e-5)
+
+
+def test_fit_without_listener(tiny_splits):
+    result = fit(TrainConfig(epochs=1, hidden_sizes=(16,)), tiny_splits)
+    assert len(result.history) == 1
+
+
+def state_of(config: TrainConfig, splits: MnistSplits) -> dict[str, torch.Tensor]:
+    return fit(config, splits).model.state_dict()
+
+
+def test_same_seed_gives_bit_identical_weights(tiny_splits):
+    config = TrainConfig(epochs=2, hidden_sizes=(32,), seed=3, batch_size=64)
+    first, second = state_of(config, tiny_splits), state_of(config, tiny_splits)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_different_seed_gives_different_weights(tiny_splits):
+    first = state_of(TrainConfig(epochs=1, hidden_sizes=(32,), seed=3), tiny_splits)
+    other = state_of(TrainConfig(epochs=1, hidden_sizes=(32,), seed=4), tiny_splits)
+    assert any(not torch.equal(first[key], other[key]) for key in first)
+
+
+def test_cnn_is_deterministic_too(tiny_splits):
+    config = TrainConfig(
+        model="cnn", channels=(4,), hidden_sizes=(16,), epochs=1, batch_size=64, seed=1
+    )
+    first, second = state_of(config, tiny_splits), state_of(config, tiny_splits)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+class Prune(Exception):
+    pass
+
+
+def test_on_epoch_exception_stops_training(tiny_splits):
+    calls = []
+
+    def listener(metrics: EpochMetrics) -> None:
+        calls.append(metrics.epoch)
+        raise Prune
+
+    with pytest.raises(Prune):
+        fit(TrainConfig(epochs=3, hidden_sizes=(16,)), tiny_splits, on_epoch=listener)
+    assert calls == [1]
+
+
+def test_huge_learning_rate_diverges(tiny_splits):
+    calls = []
+    config = TrainConfig(optimizer="sgd", lr=1e6, epochs=2, hidden_sizes=(32,), batch_size=32)
+    with pytest.raises(TrainingDiverged, match="epoch 1"):
+        fit(config, tiny_splits, on_epoch=calls.append)
+    assert calls == []  # no metrics of a diverged epoch reach the listener
+    # Control: the same run with a sane learning rate trains normally.
+    sane = config.model_copy(update={"lr": 0.01})
+    assert len(fit(sane, tiny_splits, on_epoch=calls.append).history) == 2
+    assert calls and all(math.isfinite(metrics.train_loss) for metrics in calls)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "constant"])
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_fit_runs_every_schedule_and_optimizer(tiny_splits, schedule, optimizer):
+    # onecycle raises if stepped more often than its total: two epochs check the count.
+    config = TrainConfig(
+        epochs=2, hidden_sizes=(16,), lr_schedule=schedule, optimizer=optimizer, batch_size=100
+    )
+    assert len(fit(config, tiny_splits).history) == 2
+
+
+# --- devices -----------------------------------------------------------------------------
+
+
+def test_resolve_device_cpu():
+    assert resolve_device("cpu") == CPU
+
+
+def test_resolve_device_cuda_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda:1")
+
+
+def test_resolve_device_auto_falls_back_to_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == CPU
+    assert resolve_device() == CPU
+
+
+def test_resolve_device_auto_prefers_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"
+
+
+def test_resolve_device_unknown_name():
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("abacus")
+
+
+# --- optimizers and schedules ------------------------------------------------------------
+
+
+def learning_rates(schedule: str, lr: float, total_steps: int) -> list[float]:
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = build_optimizer("sgd", [parameter], lr, CPU)
+    scheduler = build_scheduler(schedule, optimizer, lr, total_steps)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_cosine_schedule_decays_from_lr_to_zero():
+    rates = learning_rates("cosine", 0.1, 100)
+    assert rates[0] == pytest.approx(0.1)
+    assert rates[50] == pytest.approx(0.05, rel=1e-6)
+    assert rates[-1] < 1e-3
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+
+
+def test_onecycle_schedule_rises_to_lr_and_falls():
+    rates = learning_rates("onecycle", 0.1, 100)
+    peak = max(rates)
+    assert peak == pytest.approx(0.1, rel=0.01)
+    assert rates[0] < 0.1 * peak and rates[-1] < 0.1 * peak
+
+
+def test_constant_schedule_keeps_lr():
+    assert learning_rates("constant", 0.1, 20) == pytest.approx([0.1] * 20)
+
+
+def test_unknown_schedule_and_optimizer_raise():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        build_scheduler("step", build_optimizer("adam", [parameter], 0.1, CPU), 0.1, 10)
+    with pytest.raises(ValueError, match="optimizer"):
+        build_optimizer("rmsprop", [parameter], 0.1, CPU)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)],
+)
+def test_build_optimizer_kinds(name, kind):
+    optimizer = build_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], 0.02, CPU)
+    assert isinstance(optimizer, kind)
+    assert optimizer.param_groups[0]["lr"] == 0.02
