@@ -7,9 +7,12 @@ finds the other: the trial's user attribute `mlflow_run_id`, the run's `optuna.*
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import random
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +40,7 @@ RUN_ID_ATTR = "mlflow_run_id"
 ERROR_ATTR = "error"  # set on trials that failed by their own error (they count as done)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 STATE_TAG = "optuna.state"
+STORAGE_ATTEMPTS = 5  # opening a storage that other workers are creating at the same time
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -58,13 +62,24 @@ def default_storage_url(tracking_uri: str) -> str:
 
 def open_storage(url: str, heartbeat_interval: int, grace_period: int):
     """An RDB storage with heartbeats, so trials of a process that died are failed (and
-    re-run) by the next process, while trials of live workers are left alone."""
-    try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat_interval, grace_period=grace_period
-        )
-    except Exception as error:  # noqa: BLE001 - bad URL, missing driver, refused connection
-        raise StudyError(f"cannot open the Optuna storage {url!r}: {error}") from None
+    re-run) by the next process, while trials of live workers are left alone.
+
+    Workers started together on a new database race to create Optuna's tables; the loser
+    gets a duplicate-table or duplicate-key error, and simply tries again."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat_interval, grace_period=grace_period
+            )
+        except (IntegrityError, ProgrammingError) as error:
+            if attempt + 1 == STORAGE_ATTEMPTS:
+                raise StudyError(f"cannot open the Optuna storage {url!r}: {error}") from None
+            time.sleep(0.2 + random.random() * 0.5)
+        except Exception as error:  # noqa: BLE001 - bad URL, missing driver, refused connection
+            raise StudyError(f"cannot open the Optuna storage {url!r}: {error}") from None
+    raise AssertionError("unreachable")
 
 
 # --- search space ----------------------------------------------------------------------
@@ -177,7 +192,14 @@ class Objective:
                 on_start=on_start,
                 killed_on=(optuna.TrialPruned, KeyboardInterrupt),
             )
-        except (optuna.TrialPruned, KeyboardInterrupt):
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            # Optuna records an interrupted trial as FAIL (without ERROR_ATTR, so it is run
+            # again): say so on its run too, rather than leave the tag at RUNNING.
+            if run_ids:
+                with contextlib.suppress(Exception):  # never hide the interrupt
+                    tracking.set_run_tags(run_ids[0], {STATE_TAG: TrialState.FAIL.name})
             raise
         except Exception as error:
             trial.set_user_attr(ERROR_ATTR, f"{type(error).__name__}: {error}"[:1000])
@@ -288,10 +310,14 @@ def run_study(
                 "study_config.yaml",
             )
         objective = Objective(study_config, splits, parent.run_id, on_epoch=on_epoch)
-        callbacks = [_stop_when_enough(study_config.n_trials)]
+        # Trials this process ran: other workers on the same storage add trials meanwhile.
+        ran: list[int] = []
+        callbacks = [
+            lambda _study, trial: ran.append(trial.number),
+            _stop_when_enough(study_config.n_trials),
+        ]
         if on_trial is not None:
             callbacks.append(lambda _study, trial: on_trial(trial))
-        before = len(study.trials)
         if remaining is None or remaining > 0:
             study.optimize(
                 objective,
@@ -302,7 +328,7 @@ def run_study(
                 gc_after_trial=False,
             )
         reconcile_interrupted(study)
-        result = StudyResult(study, parent.run_id, storage_url, len(study.trials) - before)
+        result = StudyResult(study, parent.run_id, storage_url, len(ran))
         log_study_summary(parent, result)
     return result
 
