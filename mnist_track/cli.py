@@ -250,6 +250,9 @@ def _image_paths(arguments) -> list[Path]:
 @click.option("--experiment", help="MLflow experiment [the file's].")
 @click.option("--registered-model", help="Registered model [the file's].")
 @click.option("--device", help="auto, cpu, cuda, mps [the file's train.device].")
+@click.option(
+    "--sampler-seed", type=int, help="Sampler seed [the file's]; give parallel workers their own."
+)
 @data_dir_option
 @download_option
 @tracking_uri_option
@@ -263,6 +266,7 @@ def tune(
     experiment,
     registered_model,
     device,
+    sampler_seed,
     data_dir,
     download,
     tracking_uri,
@@ -285,6 +289,10 @@ def tune(
         if device:
             study_config = study_config.model_copy(
                 update={"train": study_config.train.model_copy(update={"device": device})}
+            )
+        if sampler_seed is not None:
+            study_config = study_config.model_copy(
+                update={"sampler": study_config.sampler.model_copy(update={"seed": sampler_seed})}
             )
         torch_device = _device(study_config.train.device)
 

@@ -156,6 +156,42 @@ def git_commit(cwd: str | Path = ".") -> str | None:
     return result.stdout.strip() or None
 
 
+def run_log(run_id: str) -> RunLog:
+    """Logging into an existing run that is not the active one."""
+    return RunLog(run_id, MlflowClient())
+
+
+def create_run(experiment: str, run_name: str, tags: Mapping[str, Any]) -> str:
+    """A new RUNNING run that is not made active (the caller resumes it with start_run)."""
+    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    run = MlflowClient().create_run(
+        experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()}
+    )
+    return run.info.run_id
+
+
+def running_runs_tagged(experiment: str, tags: Mapping[str, Any], since_ms: int) -> list[str]:
+    """Ids of RUNNING runs with all `tags`, started since `since_ms`, oldest first."""
+    found = MlflowClient().get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    query = " and ".join(
+        [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+        + ["attributes.status = 'RUNNING'", f"attributes.start_time >= {since_ms}"]
+    )
+    runs = MlflowClient().search_runs([found.experiment_id], query, max_results=100)
+    return [
+        run.info.run_id for run in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+    ]
+
+
+def discard_run(run_id: str) -> None:
+    """End a run that is not wanted and delete it (MLflow keeps it, hidden, until gc)."""
+    client = MlflowClient()
+    client.set_terminated(run_id, status="KILLED")
+    client.delete_run(run_id)
+
+
 def set_run_tags(run_id: str, tags: Mapping[str, Any]) -> None:
     """Tags on any run, running or ended."""
     MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

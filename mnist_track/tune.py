@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -40,6 +41,8 @@ RUN_ID_ATTR = "mlflow_run_id"
 ERROR_ATTR = "error"  # set on trials that failed by their own error (they count as done)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 STATE_TAG = "optuna.state"
+CLAIM_WINDOW_SECONDS = 600  # parent-run candidates of workers that started together
+CLAIM_SETTLE_SECONDS = 1.0
 STORAGE_ATTEMPTS = 5  # opening a storage that other workers are creating at the same time
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -291,24 +294,12 @@ def run_study(
     reconcile_interrupted(study)
     study.sampler = make_sampler(study_config, len(study.trials))
     remaining = remaining_trials(study, study_config.n_trials)
-    parent_run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    parent_run_id = study.user_attrs.get(PARENT_RUN_ATTR) or claim_parent_run(
+        study, study_config, storage_url
+    )
     with tracking.start_run(
-        study_config.experiment,
-        study_config.study_name,
-        run_id=parent_run_id,
-        tags={
-            "optuna.study": study_config.study_name,
-            "mnist_track.role": "study",
-            "optuna.storage": _safe_url(storage_url),
-        },
+        study_config.experiment, study_config.study_name, run_id=parent_run_id
     ) as parent:
-        if parent_run_id is None:
-            study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
-            parent.log_params(_study_params(study_config))
-            parent.log_text(
-                yaml.safe_dump(study_config.model_dump(mode="json"), sort_keys=False),
-                "study_config.yaml",
-            )
         objective = Objective(study_config, splits, parent.run_id, on_epoch=on_epoch)
         # Trials this process ran: other workers on the same storage add trials meanwhile.
         ran: list[int] = []
@@ -331,6 +322,39 @@ def run_study(
         result = StudyResult(study, parent.run_id, storage_url, len(ran))
         log_study_summary(parent, result)
     return result
+
+
+def claim_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str) -> str:
+    """Create the study's parent run, once, even when workers start together: each worker
+    creates a candidate, waits a moment, then all pick the oldest candidate and the others
+    discard theirs. Under `mlflow run`, the launcher's run is the parent."""
+    tags = {
+        "optuna.study": config.study_name,
+        "mnist_track.role": "study",
+        "optuna.storage": _safe_url(storage_url),
+    }
+    launcher_run = os.environ.get("MLFLOW_RUN_ID")
+    if launcher_run:
+        tracking.set_run_tags(launcher_run, tags)
+        chosen = mine = launcher_run
+    else:
+        mine = tracking.create_run(config.experiment, config.study_name, tags)
+        # Let the candidates of workers that started together reach the store, so that
+        # all of them choose among the same set.
+        time.sleep(CLAIM_SETTLE_SECONDS)
+        recent_ms = int((time.time() - CLAIM_WINDOW_SECONDS) * 1000)
+        candidates = tracking.running_runs_tagged(config.experiment, tags, since_ms=recent_ms)
+        chosen = candidates[0] if candidates else mine
+        if chosen != mine:
+            tracking.discard_run(mine)
+    if chosen == mine:
+        study.set_user_attr(PARENT_RUN_ATTR, mine)
+        log = tracking.run_log(mine)
+        log.log_params(_study_params(config))
+        log.log_text(
+            yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "study_config.yaml"
+        )
+    return chosen
 
 
 def remaining_trials(study: optuna.Study, n_trials: int | None) -> int | None:

@@ -104,7 +104,9 @@ class Store:
         )
 
     def parent_runs(self, study: str) -> list:
-        return self.runs(f"tags.`{ROLE_TAG}` = 'study' and tags.`optuna.study` = '{study}'")
+        """The study's parent runs, not counting discarded (deleted) candidates."""
+        runs = self.runs(f"tags.`{ROLE_TAG}` = 'study' and tags.`optuna.study` = '{study}'")
+        return [run for run in runs if run.info.lifecycle_stage == "active"]
 
     def trial_runs(self, study: str) -> list:
         runs = self.runs(f"tags.`optuna.study` = '{study}'")
@@ -535,7 +537,10 @@ def test_two_workers_share_a_postgres_study(postgres_url, store, tmp_path):
     config = study_config(tmp_path, "shared", n_trials=4)
     store = Store(store.tracking_uri, postgres_url)
     args = ("--storage", postgres_url)
-    workers = [start_tune(config, tmp_path, *args, name=f"worker{i}") for i in (1, 2)]
+    workers = [
+        start_tune(config, tmp_path, *args, "--sampler-seed", str(i), name=f"worker{i}")
+        for i in (1, 2)
+    ]
     for i, worker in enumerate(workers, 1):
         try:
             returncode = worker.wait(timeout=400)
@@ -562,15 +567,15 @@ def test_two_workers_share_a_postgres_study(postgres_url, store, tmp_path):
     for out, mine in zip(outputs, ran, strict=True):
         assert f"({len(mine)} run now;" in out
 
-    # Workers that start together may each create a parent run before either has recorded
-    # its id in the study (a known race): at most one parent per worker, all finished.
-    parents = {p.info.run_id: p for p in store.parent_runs("shared")}
-    assert 1 <= len(parents) <= 2
-    assert store.study("shared").user_attrs["mlflow_parent_run_id"] in parents
-    assert {p.info.status for p in parents.values()} == {"FINISHED"}
+    # Workers that start together agree on one parent run (the other candidate is deleted).
+    [parent] = store.parent_runs("shared")
+    assert store.study("shared").user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    assert parent.info.status == "FINISHED"
     for trial in trials:
         run = store.client.get_run(trial.user_attrs[RUN_ID_ATTR])
-        assert run.data.tags["mlflow.parentRunId"] in parents
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    # With their own sampler seeds, the workers do not repeat each other's trials.
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
 
     listing = run_cli("studies", "--storage", postgres_url)
     assert f"shared\ttrials {len(trials)}" in listing.stdout
