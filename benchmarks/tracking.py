@@ -69,8 +69,12 @@ def fixed_cost_parts(config, splits, fitted) -> dict[str, float]:
     parts[f"metrics ({len(result.history)} epochs + final test metrics)"] = timed(log_all_metrics)[
         0
     ]
-    parts["plots (render + log 5 PNGs)"] = timed(
-        lambda: runs.log_figures(run_log, result, report, splits, logits)
+    # train_and_track draws these in a worker process while it logs the model; here they
+    # are drawn in-process so their own cost shows.
+    parts["plots (render + log 5 PNGs, in-process)"] = timed(
+        lambda: run_log.log_pngs(
+            plots.render_run_figures(runs.figure_data(result, report, splits, logits)), "plots"
+        )
     )[0]
     parts["model logging (pyfunc, safetensors)"] = timed(
         lambda: tracking.log_model(

@@ -4,8 +4,12 @@ by every trial of a study."""
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -100,7 +104,8 @@ def train_and_track(
                 "model/parameters": count_parameters(result.model),
             }
         )
-        log_figures(log, result, report, splits, logits)
+        figures = figure_data(result, report, splits, logits)
+        drawing = draw_figures_in_background(figures)
         version = tracking.log_model(
             result.model.state_dict(),
             architecture_of(config),
@@ -123,43 +128,56 @@ def train_and_track(
             champion = tracking.promote_if_better(
                 registered_model, version, result.final_validation_accuracy
             )
+        log.log_pngs(figures_from(drawing, figures), "plots")
         return RunOutcome(log.run_id, result, report, version, champion)
 
 
-def log_figures(
-    log: tracking.RunLog,
-    result: FitResult,
-    report: ClassificationReport,
-    splits: MnistSplits,
-    logits: torch.Tensor,
-) -> None:
+def figure_data(
+    result: FitResult, report: ClassificationReport, splits: MnistSplits, logits: torch.Tensor
+) -> dict[str, Any]:
+    """What the run's figures need, as plain data that pickles without torch."""
     predicted = logits.argmax(dim=1).cpu().numpy()
     labels = splits.test.labels.cpu().numpy()
     all_wrong = np.flatnonzero(predicted != labels)
     wrong = all_wrong[:GRID_SIZE]
     shown = np.arange(min(GRID_SIZE, len(labels)))
-    log.log_figure(plots.training_curves(result.history), "plots/training_curves.png")
-    log.log_figure(plots.confusion_matrix(report.confusion), "plots/confusion_matrix.png")
-    log.log_figure(plots.per_class_scores(report), "plots/per_class_scores.png")
-    log.log_figure(
-        plots.digit_grid(
-            to_pixels(splits.test.images[shown]),
-            labels[shown],
-            predicted[shown],
-            "Test predictions (true / predicted)",
-        ),
-        "plots/test_predictions.png",
-    )
-    if len(wrong):
-        log.log_figure(
-            plots.digit_grid(
-                to_pixels(splits.test.images[wrong]),
-                labels[wrong],
-                predicted[wrong],
-                f"Misclassified ({len(all_wrong)} in all; true / predicted)",
-            ),
-            "plots/misclassified.png",
-        )
+    return {
+        "history": [SimpleNamespace(**asdict(epoch)) for epoch in result.history],
+        "report": SimpleNamespace(**asdict(report)),
+        "shown": (to_pixels(splits.test.images[shown]), labels[shown], predicted[shown]),
+        "wrong": (to_pixels(splits.test.images[wrong]), labels[wrong], predicted[wrong]),
+        "wrong_total": len(all_wrong),
+    }
+
+
+_figure_pool: ProcessPoolExecutor | None = None
+
+
+def draw_figures_in_background(data: dict[str, Any]) -> Future:
+    """Draw the figures in a worker process while this one logs and registers the model:
+    the two take about as long, and training has left both cores free."""
+    global _figure_pool
+    try:
+        if _figure_pool is None:
+            _figure_pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn")
+            )
+        return _figure_pool.submit(plots.render_run_figures, data)
+    except (BrokenProcessPool, RuntimeError, OSError):
+        _figure_pool = None
+        done: Future = Future()
+        done.set_result(plots.render_run_figures(data))
+        return done
+
+
+def figures_from(future: Future, data: dict[str, Any]) -> dict[str, bytes]:
+    """The worker's PNGs, or the same drawn here if the worker died."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        global _figure_pool
+        _figure_pool = None
+        return plots.render_run_figures(data)
 
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:

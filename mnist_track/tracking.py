@@ -83,6 +83,13 @@ class RunLog:
     def log_figure(self, figure: Figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
+    def log_pngs(self, pngs: Mapping[str, bytes], artifact_path: str) -> None:
+        """Several images in one artifact upload."""
+        with tempfile.TemporaryDirectory() as folder:
+            for name, content in pngs.items():
+                (Path(folder) / name).write_bytes(content)
+            self.client.log_artifacts(self.run_id, folder, artifact_path)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 

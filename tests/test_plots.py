@@ -67,7 +67,41 @@ def test_confusion_matrix(report):
     figure = plots.confusion_matrix(report.confusion)
     assert_renders(figure)
     texts = [text.get_text() for text in figure.axes[0].texts]
-    assert texts == [str(count) for count in report.confusion.ravel()]
+    # Only non-zero cells are labelled (zeros would be most of the labels, and costly).
+    assert texts == [str(count) for count in report.confusion.ravel() if count]
+
+
+def test_render_run_figures_without_torch_objects(report, raw_mnist):
+    from types import SimpleNamespace
+
+    history = [
+        SimpleNamespace(
+            epoch=e,
+            train_loss=1 / e,
+            train_accuracy=0.9,
+            validation_loss=1 / e,
+            validation_accuracy=0.9,
+        )
+        for e in (1, 2)
+    ]
+    images, labels = raw_mnist.test_images[:4], raw_mnist.test_labels[:4]
+    data = {
+        "history": history,
+        "report": report,
+        "shown": (images, labels, labels),
+        "wrong": (images[:0], labels[:0], labels[:0]),
+        "wrong_total": 0,
+    }
+    pngs = plots.render_run_figures(data)
+    assert set(pngs) == {
+        "training_curves.png",
+        "confusion_matrix.png",
+        "per_class_scores.png",
+        "test_predictions.png",
+    }
+    assert all(png.startswith(b"\x89PNG") for png in pngs.values())
+    data["wrong"], data["wrong_total"] = (images[:1], labels[:1], labels[1:2]), 7
+    assert "misclassified.png" in plots.render_run_figures(data)
 
 
 def test_confusion_matrix_all_zero():
