@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 CHAMPION_ALIAS = "champion"
+LAUNCHER_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the entry point's process
 MODEL_NAME_IN_RUN = "model"
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_CODE = PACKAGE_DIR / "model_code.py"
@@ -64,9 +65,15 @@ class RunLog:
 
     run_id: str
     client: MlflowClient
+    # A run started by `mlflow run` already holds the MLproject parameters (MLflow refuses
+    # to change a param): those keep the launcher's values.
+    adopted: bool = False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = [Param(key, str(value)) for key, value in params.items()]
+        if self.adopted:
+            existing = self.client.get_run(self.run_id).data.params
+            items = [item for item in items if item.key not in existing]
         for start in range(0, len(items), 100):  # MLflow's per-batch limit for params
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
@@ -113,17 +120,26 @@ def start_run(
     `run_id` resumes a run; under `mlflow run` the launcher's run ($MLFLOW_RUN_ID) is used
     for a top-level run, so the MLproject run and ours are one.
     """
-    if run_id is None and parent_run_id is None:
-        run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id is None:
+    launcher_run = launcher_run_id()
+    adopted = run_id is None and parent_run_id is None and launcher_run is not None
+    if adopted:
+        run_id = launcher_run
+    # MLflow would also resume $MLFLOW_RUN_ID for the next run started without an id (a
+    # trial): once the launcher's run is taken, it must not be taken again.
+    os.environ.pop(LAUNCHER_RUN_ENV, None)
+    experiment_id = None
+    if parent_run_id is not None:  # a child lives in its parent's experiment
+        experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+    elif run_id is None:
         mlflow.set_experiment(experiment)
     active = mlflow.start_run(
         run_id=run_id,
+        experiment_id=experiment_id,
         run_name=run_name if run_id is None else None,
         nested=parent_run_id is not None,
         parent_run_id=parent_run_id,
     )
-    log = RunLog(active.info.run_id, MlflowClient())
+    log = RunLog(active.info.run_id, MlflowClient(), adopted=adopted)
     if tags:
         log.set_tags(tags)
     try:
@@ -165,7 +181,18 @@ def git_commit(cwd: str | Path = ".") -> str | None:
 
 def run_log(run_id: str) -> RunLog:
     """Logging into an existing run that is not the active one."""
-    return RunLog(run_id, MlflowClient())
+    return RunLog(run_id, MlflowClient(), adopted=run_id == launcher_run_id())
+
+
+_launcher_run: list[str | None] = []
+
+
+def launcher_run_id() -> str | None:
+    """The run `mlflow run` started for this process, if any (read once: start_run removes
+    the variable so that MLflow does not reuse it)."""
+    if not _launcher_run:
+        _launcher_run.append(os.environ.get(LAUNCHER_RUN_ENV))
+    return _launcher_run[0]
 
 
 def create_run(experiment: str, run_name: str, tags: Mapping[str, Any]) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import tempfile
 import time
@@ -333,7 +332,7 @@ def claim_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str)
         "mnist_track.role": "study",
         "optuna.storage": _safe_url(storage_url),
     }
-    launcher_run = os.environ.get("MLFLOW_RUN_ID")
+    launcher_run = tracking.launcher_run_id()
     if launcher_run:
         tracking.set_run_tags(launcher_run, tags)
         chosen = mine = launcher_run
@@ -375,15 +374,16 @@ def _stop_when_enough(n_trials: int | None):
 
 
 def _study_params(study: StudyConfig) -> dict[str, Any]:
+    # Namespaced, so they cannot clash with the MLproject's parameters on a launcher run.
     params = {
-        "study_name": study.study_name,
-        "n_trials": study.n_trials,
-        "timeout": study.timeout,
-        "sampler": study.sampler.type,
-        "sampler_seed": study.sampler.seed,
-        "pruner": study.pruner.type,
-        "objective": study.objective,
-        "registered_model": study.registered_model,
+        "study.name": study.study_name,
+        "study.n_trials": study.n_trials,
+        "study.timeout": study.timeout,
+        "study.sampler": study.sampler.type,
+        "study.sampler_seed": study.sampler.seed,
+        "study.pruner": study.pruner.type,
+        "study.objective": study.objective,
+        "study.registered_model": study.registered_model,
     }
     params |= {f"train.{k}": v for k, v in study.train.to_params().items()}
     params |= {

@@ -40,8 +40,14 @@ def small_splits(raw_mnist):
 
     from mnist_track.data import make_splits
 
-    return make_splits(raw_mnist, val_size=1000, split_seed=0, device=torch.device("cpu"),
-                       train_limit=2000, test_limit=500)
+    return make_splits(
+        raw_mnist,
+        val_size=1000,
+        split_seed=0,
+        device=torch.device("cpu"),
+        train_limit=2000,
+        test_limit=500,
+    )
 
 
 @pytest.fixture
@@ -72,8 +78,12 @@ def cli_env(**extra: str) -> dict[str, str]:
 def run_cli(*args: str, check: bool = True, timeout: float = 600, cwd=None, **env: str):
     """`mnist-track ARGS` as a subprocess; returns the CompletedProcess."""
     result = subprocess.run(
-        [str(BIN_DIR / "mnist-track"), *args], capture_output=True, text=True,
-        env=cli_env(**env), timeout=timeout, cwd=cwd,
+        [str(BIN_DIR / "mnist-track"), *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(**env),
+        timeout=timeout,
+        cwd=cwd,
     )
     if check and result.returncode != 0:
         raise AssertionError(

@@ -33,9 +33,20 @@ def store(tmp_path_factory):
     folder = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    result = run_cli("train", "--epochs", "2", *SMALL, "--experiment", EXPERIMENT,
-                     "--registered-model", MODEL, "--run-name", "first",
-                     cwd=folder, MLFLOW_TRACKING_URI=uri)
+    result = run_cli(
+        "train",
+        "--epochs",
+        "2",
+        *SMALL,
+        "--experiment",
+        EXPERIMENT,
+        "--registered-model",
+        MODEL,
+        "--run-name",
+        "first",
+        cwd=folder,
+        MLFLOW_TRACKING_URI=uri,
+    )
     return {"uri": uri, "folder": folder, "stdout": result.stdout}
 
 
@@ -83,8 +94,11 @@ def test_train_logs_plots(client):
     run = only_run(client)
     names = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert names == {
-        "plots/training_curves.png", "plots/confusion_matrix.png",
-        "plots/per_class_scores.png", "plots/test_predictions.png", "plots/misclassified.png",
+        "plots/training_curves.png",
+        "plots/confusion_matrix.png",
+        "plots/per_class_scores.png",
+        "plots/test_predictions.png",
+        "plots/misclassified.png",
     }
     local = client.download_artifacts(run.info.run_id, "plots/confusion_matrix.png")
     assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -95,7 +109,8 @@ def test_model_is_registered_without_pickle(client):
     version = client.get_model_version(MODEL, "1")
     assert version.run_id == run.info.run_id
     assert float(version.tags["validation_accuracy"]) == pytest.approx(
-        run.data.metrics["val/final_accuracy"])
+        run.data.metrics["val/final_accuracy"]
+    )
     assert float(version.tags["test_accuracy"]) == pytest.approx(run.data.metrics["test/accuracy"])
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
 
@@ -112,9 +127,25 @@ def test_model_is_registered_without_pickle(client):
 
 
 def test_worse_model_does_not_take_champion(store, client):
-    run_cli("train", "--epochs", "1", "--train-limit", "300", "--val-size", "1000",
-            "--test-limit", "500", "--experiment", EXPERIMENT, "--registered-model", MODEL,
-            "--run-name", "worse", cwd=store["folder"], MLFLOW_TRACKING_URI=store["uri"])
+    run_cli(
+        "train",
+        "--epochs",
+        "1",
+        "--train-limit",
+        "300",
+        "--val-size",
+        "1000",
+        "--test-limit",
+        "500",
+        "--experiment",
+        EXPERIMENT,
+        "--registered-model",
+        MODEL,
+        "--run-name",
+        "worse",
+        cwd=store["folder"],
+        MLFLOW_TRACKING_URI=store["uri"],
+    )
     worse = only_run(client, "worse")
     version = client.get_model_version(MODEL, "2")
     assert version.run_id == worse.info.run_id
@@ -129,8 +160,13 @@ def test_predict_command_reads_png_files(store, raw_mnist, tmp_path):
         Image.fromarray(image).save(tmp_path / f"digit{index:02d}.png")
     # A dark digit on white paper, as a phone picture would be: inverted by predict.
     Image.fromarray(255 - images[0]).resize((56, 56)).save(tmp_path / "paper.jpg")
-    result = run_cli("predict", "--model-uri", f"models:/{MODEL}@champion", str(tmp_path),
-                     MLFLOW_TRACKING_URI=store["uri"])
+    result = run_cli(
+        "predict",
+        "--model-uri",
+        f"models:/{MODEL}@champion",
+        str(tmp_path),
+        MLFLOW_TRACKING_URI=store["uri"],
+    )
     lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
     assert len(lines) == 21
     predicted = {Path(path).name: int(digit) for path, digit, _ in lines}
@@ -141,6 +177,7 @@ def test_predict_command_reads_png_files(store, raw_mnist, tmp_path):
 
 
 # --- bad input -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -173,8 +210,7 @@ def test_bad_config_file_names_file_and_key(tmp_path, tracking_uri):
 
 
 def test_missing_data_is_a_clear_error(tmp_path, tracking_uri):
-    result = run_cli("train", "--data-dir", str(tmp_path / "nothing"), "--no-download",
-                     check=False)
+    result = run_cli("train", "--data-dir", str(tmp_path / "nothing"), "--no-download", check=False)
     assert result.returncode == 1
     assert "train-images-idx3-ubyte" in result.stderr and "nothing" in result.stderr
     assert "Traceback" not in result.stderr
@@ -196,14 +232,17 @@ def test_data_command_verifies_files(data_dir, tmp_path):
 def test_help_does_not_import_torch_or_mlflow():
     import sys
 
-    code = ("import sys, mnist_track.cli; "
-            "print(sorted(m for m in ('torch', 'mlflow', 'optuna') if m in sys.modules))")
+    code = (
+        "import sys, mnist_track.cli; "
+        "print(sorted(m for m in ('torch', 'mlflow', 'optuna') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert "train" in run_cli("--help").stdout
 
 
 # --- serving ---------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -215,10 +254,23 @@ def free_port() -> int:
 def server(store):
     port = free_port()
     process = subprocess.Popen(
-        [str(BIN_DIR / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=cli_env(MLFLOW_TRACKING_URI=store["uri"]), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
+        [
+            str(BIN_DIR / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL}/1",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=cli_env(MLFLOW_TRACKING_URI=store["uri"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -239,10 +291,14 @@ def server(store):
 
 
 def post(url: str, body: bytes | str | dict, content_type="application/json"):
-    data = json.dumps(body).encode() if isinstance(body, dict) else (
-        body.encode() if isinstance(body, str) else body)
-    request = urllib.request.Request(f"{url}/invocations", data=data,
-                                     headers={"Content-Type": content_type})
+    data = (
+        json.dumps(body).encode()
+        if isinstance(body, dict)
+        else (body.encode() if isinstance(body, str) else body)
+    )
+    request = urllib.request.Request(
+        f"{url}/invocations", data=data, headers={"Content-Type": content_type}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -312,6 +368,7 @@ def test_server_keeps_serving_after_bad_requests(server, raw_mnist):
 
 # --- MLproject -------------------------------------------------------------------------
 
+
 def test_mlflow_run_main_entry_point(tmp_path):
     from mlflow import MlflowClient
 
@@ -320,10 +377,25 @@ def test_mlflow_run_main_entry_point(tmp_path):
     # Artifacts go to tmp_path, not into the repository the project runs in.
     experiment_id = client.create_experiment("mlproject", artifact_location=str(tmp_path / "a"))
     result = subprocess.run(
-        [str(BIN_DIR / "mlflow"), "run", str(REPO_ROOT), "--env-manager", "local",
-         "--experiment-name", "mlproject", "-P", "epochs=1", "-P", "train_limit=1000",
-         "-P", "registered_model=mlproject-model"],
-        env=cli_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=600,
+        [
+            str(BIN_DIR / "mlflow"),
+            "run",
+            str(REPO_ROOT),
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "mlproject",
+            "-P",
+            "epochs=1",
+            "-P",
+            "train_limit=1000",
+            "-P",
+            "registered_model=mlproject-model",
+        ],
+        env=cli_env(MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     runs = client.search_runs([experiment_id])
@@ -334,3 +406,51 @@ def test_mlflow_run_main_entry_point(tmp_path):
     assert run.data.params["train_limit"] == "1000"
     assert "test/accuracy" in run.data.metrics
     assert client.get_model_version("mlproject-model", "1").run_id == run.info.run_id
+
+
+def test_mlflow_run_tune_entry_point(tmp_path):
+    """Under `mlflow run`, the launcher's run is the study's parent run."""
+    from mlflow import MlflowClient
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "study_name: tiny\nregistered_model: mlproject-tuned\nn_trials: 2\n"
+        "pruner: {type: none}\n"
+        "train: {epochs: 1, train_limit: 1000, val_size: 500, test_limit: 500}\n"
+        "search_space:\n  lr: {type: float, low: 1.0e-3, high: 3.0e-3, log: true}\n"
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("mlproject", artifact_location=str(tmp_path / "a"))
+    result = subprocess.run(
+        [
+            str(BIN_DIR / "mlflow"),
+            "run",
+            str(REPO_ROOT),
+            "-e",
+            "tune",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "mlproject",
+            "-P",
+            f"config={config}",
+            "-P",
+            f"storage=sqlite:///{tmp_path / 'optuna.db'}",
+        ],
+        env=cli_env(MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = client.search_runs([experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["mnist_track.role"] == "study"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["trial-0", "trial-1"]
+    assert parent.data.metrics["trials/complete"] == 2
+    assert len(client.search_model_versions("name = 'mlproject-tuned'")) == 2

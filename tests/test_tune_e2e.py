@@ -225,7 +225,7 @@ def test_study_end_to_end(first_study):
     assert parent.data.metrics["trials/pruned"] == 0
     assert parent.data.metrics["best/validation_accuracy"] == pytest.approx(best.value)
     assert parent.data.metrics["best/trial"] == best.number
-    assert parent.data.params["n_trials"] == "3"
+    assert parent.data.params["study.n_trials"] == "3"
     study_files = [a.path for a in client.list_artifacts(parent.info.run_id, "study")]
     assert "study/trials.csv" in study_files
     assert any(path.endswith(".png") for path in study_files)
