@@ -42,7 +42,7 @@ def fixed_cost_parts(config, splits, fitted) -> dict[str, float]:
     import mlflow
 
     from mnist_track import plots, runs, tracking
-    from mnist_track.models import architecture_of, count_parameters
+    from mnist_track.models import architecture_of
 
     result, logits, report = fitted
     parts: dict[str, float] = {}
@@ -56,15 +56,7 @@ def fixed_cost_parts(config, splits, fitted) -> dict[str, float]:
     def log_all_metrics() -> None:
         for epoch in result.history:
             run_log.log_metrics(epoch.as_dict(), step=epoch.epoch)
-        run_log.log_metrics(
-            report.as_metrics("test")
-            | {
-                "val/final_accuracy": result.final_validation_accuracy,
-                "val/best_accuracy": result.best_validation_accuracy,
-                "time/train_seconds": result.seconds,
-                "model/parameters": count_parameters(result.model),
-            }
-        )
+        run_log.log_metrics(runs.final_metrics(result, report))
 
     parts[f"metrics ({len(result.history)} epochs + final test metrics)"] = timed(log_all_metrics)[
         0

@@ -168,19 +168,12 @@ def train(
 
         from mnist_track import tracking
         from mnist_track.console import EpochProgress, run_summary
-        from mnist_track.data import load_mnist, make_splits
+        from mnist_track.data import load_mnist, splits_for
         from mnist_track.runs import train_and_track
 
         tracking.use_tracking_uri(tracking_uri)
         raw = load_mnist(data_dir, download=download)
-        splits = make_splits(
-            raw,
-            val_size=config.val_size,
-            split_seed=config.split_seed,
-            device=device,
-            train_limit=config.train_limit,
-            test_limit=config.test_limit,
-        )
+        splits = splits_for(raw, config, device)
         outcome = train_and_track(
             config,
             splits,
@@ -298,20 +291,13 @@ def tune(
 
         from mnist_track import tracking
         from mnist_track.console import EpochProgress, study_summary, trial_line
-        from mnist_track.data import load_mnist, make_splits
+        from mnist_track.data import load_mnist, splits_for
         from mnist_track.tune import default_storage_url, run_study
 
         storage_url = storage or default_storage_url(tracking.use_tracking_uri(tracking_uri))
         train_config = study_config.train
         raw = load_mnist(data_dir, download=download)
-        splits = make_splits(
-            raw,
-            val_size=train_config.val_size,
-            split_seed=train_config.split_seed,
-            device=torch_device,
-            train_limit=train_config.train_limit,
-            test_limit=train_config.test_limit,
-        )
+        splits = splits_for(raw, train_config, torch_device)
         progress = EpochProgress(train_config.epochs, quiet)
         _stop_on_sigterm()
         result = run_study(

@@ -220,6 +220,18 @@ def make_splits(
     )
 
 
+def splits_for(raw: RawMnist, config, device: torch.device) -> MnistSplits:
+    """`make_splits` with the split settings of a TrainConfig."""
+    return make_splits(
+        raw,
+        val_size=config.val_size,
+        split_seed=config.split_seed,
+        device=device,
+        train_limit=config.train_limit,
+        test_limit=config.test_limit,
+    )
+
+
 def _to_split(images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> Split:
     # Move uint8 first (4x fewer bytes to copy), normalize on the device.
     return Split(

@@ -95,15 +95,7 @@ def train_and_track(
         result = fit(config, splits, on_epoch=log_epoch)
         logits = predict_logits(result.model, splits.test.images)
         report = classification_report(logits, splits.test.labels)
-        log.log_metrics(
-            report.as_metrics("test")
-            | {
-                "val/final_accuracy": result.final_validation_accuracy,
-                "val/best_accuracy": result.best_validation_accuracy,
-                "time/train_seconds": result.seconds,
-                "model/parameters": count_parameters(result.model),
-            }
-        )
+        log.log_metrics(final_metrics(result, report))
         figures = figure_data(result, report, splits, logits)
         drawing = draw_figures_in_background(figures)
         version = tracking.log_model(
@@ -130,6 +122,16 @@ def train_and_track(
             )
         log.log_pngs(figures_from(drawing, figures), "plots")
         return RunOutcome(log.run_id, result, report, version, champion)
+
+
+def final_metrics(result: FitResult, report: ClassificationReport) -> dict[str, float]:
+    """The metrics logged once, after training: test scores, validation summary, cost."""
+    return report.as_metrics("test") | {
+        "val/final_accuracy": result.final_validation_accuracy,
+        "val/best_accuracy": result.best_validation_accuracy,
+        "time/train_seconds": result.seconds,
+        "model/parameters": count_parameters(result.model),
+    }
 
 
 def figure_data(
