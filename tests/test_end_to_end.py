@@ -369,7 +369,9 @@ def test_server_keeps_serving_after_bad_requests(server, raw_mnist):
 # --- MLproject -------------------------------------------------------------------------
 
 
-def test_mlflow_run_main_entry_point(tmp_path):
+def mlflow_run(tmp_path, *arguments: str):
+    """`mlflow run` of this repository with the local environment, into a fresh store in
+    tmp_path, which must succeed; returns the client and the experiment id."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -385,12 +387,7 @@ def test_mlflow_run_main_entry_point(tmp_path):
             "local",
             "--experiment-name",
             "mlproject",
-            "-P",
-            "epochs=1",
-            "-P",
-            "train_limit=1000",
-            "-P",
-            "registered_model=mlproject-model",
+            *arguments,
         ],
         env=cli_env(MLFLOW_TRACKING_URI=uri),
         capture_output=True,
@@ -398,6 +395,19 @@ def test_mlflow_run_main_entry_point(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    return client, experiment_id
+
+
+def test_mlflow_run_main_entry_point(tmp_path):
+    client, experiment_id = mlflow_run(
+        tmp_path,
+        "-P",
+        "epochs=1",
+        "-P",
+        "train_limit=1000",
+        "-P",
+        "registered_model=mlproject-model",
+    )
     runs = client.search_runs([experiment_id])
     assert len(runs) == 1  # the launcher's run and the training run are one
     run = runs[0]
@@ -410,8 +420,6 @@ def test_mlflow_run_main_entry_point(tmp_path):
 
 def test_mlflow_run_tune_entry_point(tmp_path):
     """Under `mlflow run`, the launcher's run is the study's parent run."""
-    from mlflow import MlflowClient
-
     config = tmp_path / "tiny.yaml"
     config.write_text(
         "study_name: tiny\nregistered_model: mlproject-tuned\nn_trials: 2\n"
@@ -419,31 +427,15 @@ def test_mlflow_run_tune_entry_point(tmp_path):
         "train: {epochs: 1, train_limit: 1000, val_size: 500, test_limit: 500}\n"
         "search_space:\n  lr: {type: float, low: 1.0e-3, high: 3.0e-3, log: true}\n"
     )
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment_id = client.create_experiment("mlproject", artifact_location=str(tmp_path / "a"))
-    result = subprocess.run(
-        [
-            str(BIN_DIR / "mlflow"),
-            "run",
-            str(REPO_ROOT),
-            "-e",
-            "tune",
-            "--env-manager",
-            "local",
-            "--experiment-name",
-            "mlproject",
-            "-P",
-            f"config={config}",
-            "-P",
-            f"storage=sqlite:///{tmp_path / 'optuna.db'}",
-        ],
-        env=cli_env(MLFLOW_TRACKING_URI=uri),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    client, experiment_id = mlflow_run(
+        tmp_path,
+        "-e",
+        "tune",
+        "-P",
+        f"config={config}",
+        "-P",
+        f"storage=sqlite:///{tmp_path / 'optuna.db'}",
     )
-    assert result.returncode == 0, result.stdout + result.stderr
     runs = client.search_runs([experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
