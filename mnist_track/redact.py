@@ -1,0 +1,45 @@
+"""Secrets out of URLs before they reach output, params, tags, logs or error messages."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+MASK = "***"
+# Query parameters that carry credentials in database and HTTP URLs.
+SECRET_QUERY_KEYS = {"password", "pwd", "passwd", "secret", "token", "access_token", "api_key"}
+_USERINFO_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
+
+
+def redact_url(url: str | None) -> str:
+    """`url` with any password (user:password@ or ?password=) replaced by ***."""
+    if not url:
+        return url or ""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _USERINFO_PASSWORD.sub(rf"\g<scheme>\g<user>:{MASK}@", url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:{MASK}@{host}" if has_password else netloc
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(key.lower() in SECRET_QUERY_KEYS for key, _ in pairs):
+            query = urlencode(
+                [(k, MASK if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*"
+            )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # unchanged: urlunsplit would also normalise sqlite:/// to sqlite:/
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str, *urls: str | None) -> str:
+    """`text` with each of `urls` replaced by its redacted form, and any other
+    scheme://user:password@ left in it masked (drivers quote URLs in their errors)."""
+    for url in urls:
+        if url:
+            text = text.replace(url, redact_url(url))
+    return _USERINFO_PASSWORD.sub(rf"\g<scheme>\g<user>:{MASK}@", text)
