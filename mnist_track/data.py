@@ -66,6 +66,8 @@ class MnistSplits:
     train: Split
     validation: Split
     test: Split  # only for the final report, never for choosing anything
+    # Which validation images these are (see `validation_digest`); empty when unknown.
+    validation_digest: str = ""
 
     def sizes(self) -> dict[str, int]:
         return {
@@ -185,6 +187,17 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return images * (1.0 / (255.0 * PIXEL_STD)) - PIXEL_MEAN / PIXEL_STD
 
 
+def validation_digest(val_size: int, split_seed: int) -> str:
+    """Names the validation images: the verified training files plus the split settings.
+    Two runs with the same digest were validated on the same images, so their validation
+    accuracies are comparable (the registry's champion rule relies on it)."""
+    identity = ":".join(
+        [MNIST_FILES["train-images-idx3-ubyte"], MNIST_FILES["train-labels-idx1-ubyte"]]
+        + [f"val_size={val_size}", f"split_seed={split_seed}"]
+    )
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
 def make_splits(
     raw: RawMnist,
     *,
@@ -217,6 +230,7 @@ def make_splits(
             torch.from_numpy(raw.test_labels[:test_count]),
             device,
         ),
+        validation_digest=validation_digest(val_size, split_seed),
     )
 
 

@@ -1,5 +1,6 @@
 """Figures of a run: pure functions from numbers and images to matplotlib Figures, and
-`render_run_figures`, which draws a run's set of PNGs from plain data.
+`render_run_figures`, which draws a run's set of PNGs from plain data, and `render_async`,
+which does that in a worker process that dies with its parent.
 
 Figures are built with the object API (no pyplot state), so they need no closing and can
 be drawn from any thread or process. They are kept cheap because every trial draws them:
@@ -11,7 +12,13 @@ imports neither torch nor MLflow, so a worker process that draws figures starts 
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -156,3 +163,61 @@ def render_run_figures(data: dict[str, Any]) -> dict[str, bytes]:
         title = f"Misclassified ({data['wrong_total']} in all; true / predicted)"
         pngs["misclassified.png"] = render_png(digit_grid(*wrong, title))
     return pngs
+
+
+# --- drawing in the background ---------------------------------------------------------
+
+_pool: ProcessPoolExecutor | None = None
+PARENT_CHECK_SECONDS = 0.5
+
+
+class FigureJob:
+    """A run's figures being drawn in the worker process; `pngs()` waits for them, or
+    draws them here if the worker died."""
+
+    def __init__(self, future: Future, data: dict[str, Any]) -> None:
+        self.future, self.data = future, data
+
+    def pngs(self) -> dict[str, bytes]:
+        global _pool
+        try:
+            return self.future.result()
+        except BrokenProcessPool:
+            _pool = None
+            return render_run_figures(self.data)
+
+
+def render_async(data: dict[str, Any]) -> FigureJob:
+    """Start drawing a run's figures in a worker process (spawned once, reused), so the
+    caller can log the model meanwhile: training has left both cores free."""
+    global _pool
+    try:
+        if _pool is None:
+            _pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_follow_parent,
+                initargs=(os.getpid(),),
+            )
+        return FigureJob(_pool.submit(render_run_figures, data), data)
+    except (BrokenProcessPool, RuntimeError, OSError):
+        _pool = None
+        done: Future = Future()
+        done.set_result(render_run_figures(data))
+        return FigureJob(done, data)
+
+
+def _follow_parent(parent_pid: int) -> None:
+    """In the figure worker: let go of the terminal, and exit when the process that
+    started it is gone. A killed `train` or `tune` must not leave a worker behind that
+    holds its stdout (a `| tee` would never end) and ~90 MB."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for descriptor in (0, 1, 2):
+        os.dup2(devnull, descriptor)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="follow-parent", daemon=True).start()
