@@ -70,6 +70,7 @@ EXPECTED_ERRORS = {
     "TrainingDiverged",
     "MlflowException",
     "InvalidPixels",
+    "LockTimeout",
 }
 
 data_dir_option = click.option(
@@ -90,6 +91,19 @@ tracking_uri_option = click.option(
     help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///mlflow.db].",
 )
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+storage_option = click.option(
+    "--storage",
+    envvar="MNIST_TRACK_STORAGE",
+    help="Optuna storage URL [env MNIST_TRACK_STORAGE, which keeps a password off the "
+    "command line; default sqlite optuna.db beside mlflow.db].",
+)
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(1),
+    envvar="MNIST_TRACK_THREADS",
+    help="CPU threads for training [env MNIST_TRACK_THREADS; default all cores]; give each "
+    "of several workers on one machine its share.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -142,6 +156,7 @@ def main() -> None:
     help="Register the model (and move `champion` if it is the best).",
 )
 @click.option("--run-name", help="MLflow run name [generated].")
+@threads_option
 @quiet_option
 def train(
     config_path,
@@ -152,6 +167,7 @@ def train(
     registered_model,
     register,
     run_name,
+    threads,
     quiet,
     train_limit,
     test_limit,
@@ -164,7 +180,7 @@ def train(
         options["train_limit"] = limit(train_limit)
         options["test_limit"] = limit(test_limit)
         config = load_train_config(config_path, options)
-        device = _device(config.device)
+        device = _device(config.device, threads)
 
         from mnist_track import tracking
         from mnist_track.console import EpochProgress, run_summary
@@ -174,6 +190,7 @@ def train(
         tracking.use_tracking_uri(tracking_uri)
         raw = load_mnist(data_dir, download=download)
         splits = splits_for(raw, config, device)
+        _stop_on_sigterm()
         outcome = train_and_track(
             config,
             splits,
@@ -185,9 +202,15 @@ def train(
         click.echo(run_summary(outcome, registered_model))
 
 
-def _device(name: str):
+def _device(name: str, threads: int | None = None):
+    """The torch device, with this process's CPU threads set (several workers on one
+    machine would otherwise each take every core, and all run slower)."""
+    import torch
+
     from mnist_track.train import resolve_device
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         return resolve_device(name)
     except ValueError as error:
@@ -239,7 +262,7 @@ def _image_paths(arguments) -> list[Path]:
 @click.option("--n-trials", type=click.IntRange(0), help="Trials in the study (0: the file's).")
 @click.option("--timeout", type=click.FloatRange(0), help="Seconds for this run (0: the file's).")
 @click.option("--study-name", help="Study name [the file's, else its stem].")
-@click.option("--storage", help="Optuna storage URL [sqlite optuna.db beside mlflow.db].")
+@storage_option
 @click.option("--experiment", help="MLflow experiment [the file's].")
 @click.option("--registered-model", help="Registered model [the file's].")
 @click.option("--device", help="auto, cpu, cuda, mps [the file's train.device].")
@@ -249,6 +272,7 @@ def _image_paths(arguments) -> list[Path]:
 @data_dir_option
 @download_option
 @tracking_uri_option
+@threads_option
 @quiet_option
 def tune(
     config_path,
@@ -263,6 +287,7 @@ def tune(
     data_dir,
     download,
     tracking_uri,
+    threads,
     quiet,
 ) -> None:
     """Run (or resume) the Optuna study described by CONFIG, e.g. experiments/mlp.yaml."""
@@ -287,14 +312,14 @@ def tune(
             study_config = study_config.model_copy(
                 update={"sampler": study_config.sampler.model_copy(update={"seed": sampler_seed})}
             )
-        torch_device = _device(study_config.train.device)
+        torch_device = _device(study_config.train.device, threads)
 
         from mnist_track import tracking
         from mnist_track.console import EpochProgress, study_summary, trial_line
         from mnist_track.data import load_mnist, splits_for
-        from mnist_track.tune import default_storage_url, run_study
+        from mnist_track.tune import run_study
 
-        storage_url = storage or default_storage_url(tracking.use_tracking_uri(tracking_uri))
+        storage_url = _storage_url(storage, tracking.use_tracking_uri(tracking_uri))
         train_config = study_config.train
         raw = load_mnist(data_dir, download=download)
         splits = splits_for(raw, train_config, torch_device)
@@ -306,8 +331,30 @@ def tune(
             storage_url,
             on_trial=lambda trial: click.echo(trial_line(trial)),
             on_epoch=lambda number, epoch: progress(epoch, prefix=f"trial {number} "),
+            on_abandoned=lambda number: click.echo(
+                f"trial {number:>3} ABANDONED: failed by another worker while this one was "
+                "paused or cut off; it runs again with the same parameters"
+            ),
         )
         click.echo(study_summary(result, study_config.registered_model))
+
+
+def _storage_url(storage: str | None, tracking_uri: str) -> str:
+    """The study storage: as given, else the embedded default beside an embedded
+    tracking store. A shared tracking store with no shared study storage is refused:
+    each worker would silently keep its own study in a local file."""
+    from mnist_track.redact import redact_url
+    from mnist_track.tune import default_storage_url
+
+    url = storage or default_storage_url(tracking_uri)
+    if url is None:
+        raise click.UsageError(
+            f"the tracking store {redact_url(tracking_uri)!r} (MLFLOW_TRACKING_URI / "
+            "--tracking-uri) is shared, so the study must be too: set MNIST_TRACK_STORAGE "
+            "or --storage to a database every worker reaches, e.g. "
+            "postgresql+psycopg2://user@host/optuna"
+        )
+    return url
 
 
 def _stop_on_sigterm() -> None:
@@ -321,20 +368,21 @@ def _stop_on_sigterm() -> None:
 
 
 @main.command()
-@click.option("--storage", help="Optuna storage URL [sqlite optuna.db beside mlflow.db].")
+@storage_option
 @tracking_uri_option
 def studies(storage, tracking_uri) -> None:
     """List the studies in a storage with their trial counts and best values."""
     with domain_errors():
-        from mnist_track.tune import default_storage_url, study_summaries
+        from mnist_track.redact import redact_url
+        from mnist_track.tune import study_summaries
 
         if not storage:
             from mnist_track import tracking
 
-            storage = default_storage_url(tracking.use_tracking_uri(tracking_uri))
+            storage = _storage_url(None, tracking.use_tracking_uri(tracking_uri))
         rows = study_summaries(storage)
         if not rows:
-            click.echo(f"no studies in {storage}")
+            click.echo(f"no studies in {redact_url(storage)}")
         for row in rows:
             best = (
                 "-"

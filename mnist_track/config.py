@@ -151,6 +151,12 @@ class StudyConfig(_Frozen):
                 raise ValueError(f"search_space.{key}: a layer count needs low >= 1")
         if self.n_trials is None and self.timeout is None:
             raise ValueError("set n_trials, timeout or both, or the study never ends")
+        if self.grace_period <= self.heartbeat_interval:
+            # A live worker that beats every `heartbeat_interval` must never look dead.
+            raise ValueError(
+                f"grace_period ({self.grace_period}) must be longer than heartbeat_interval "
+                f"({self.heartbeat_interval})"
+            )
         return self
 
 

@@ -42,8 +42,10 @@ def run_summary(outcome, registered_model: str | None) -> str:
     if outcome.model_version is not None:
         lines.append(
             f"  model               models:/{registered_model}/{outcome.model_version}"
-            + ("  (now champion)" if outcome.champion else "")
+            + ("  (now champion)" if outcome.is_champion else "")
         )
+    if outcome.champion is not None and outcome.champion.note:
+        lines.append(f"  note: {outcome.champion.note}")
     return "\n".join(lines)
 
 
@@ -70,12 +72,19 @@ def _short(value) -> str:
 
 
 def study_summary(result, registered_model: str) -> str:
+    from mnist_track.redact import redact_url
+
     counts = result.counts()
     lines = [
         f"study {result.study.study_name}: {counts['complete']} complete, {counts['pruned']} "
-        f"pruned, {counts['fail']} failed ({result.ran} run now; storage {result.storage_url})",
-        f"  parent run {result.parent_run_id}",
+        f"pruned, {counts['fail']} failed ({result.ran} run now; "
+        f"storage {redact_url(result.storage_url)})",
+        f"  parent run {result.parent_run_id} ({_parent_state(result.parent_status)})",
     ]
+    if result.reconciled:
+        lines.append(f"  reconciled: {reconciled_line(result.reconciled)}")
+    if result.abandoned:
+        lines.append(f"  {result.abandoned} trial(s) of this worker were taken over by another")
     best = result.best_trial
     if best is None:
         lines.append("  no completed trial yet")
@@ -89,3 +98,24 @@ def study_summary(result, registered_model: str) -> str:
         f"  serve the champion:   models:/{registered_model}@champion",
     ]
     return "\n".join(lines)
+
+
+def _parent_state(status: str) -> str:
+    if status == "RUNNING":
+        return "RUNNING: other workers are still at work"
+    return status
+
+
+def reconciled_line(reconciled) -> str:
+    """What a worker found half-done and put right, in one line."""
+    parts = []
+    if reconciled.trials_failed:
+        parts.append(f"{reconciled.trials_failed} stale trial(s) failed and queued again")
+    if reconciled.runs_ended:
+        parts.append(f"{reconciled.runs_ended} run(s) ended")
+    if reconciled.versions_removed:
+        versions = ", ".join(reconciled.versions_removed)
+        parts.append(f"version(s) {versions} removed (their runs never completed)")
+    if reconciled.parents_discarded:
+        parts.append(f"{reconciled.parents_discarded} unrecorded parent run(s) discarded")
+    return "; ".join(parts)

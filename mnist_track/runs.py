@@ -1,13 +1,10 @@
 """One tracked training run: fit, evaluate on the test set, log everything to MLflow,
-register the model and move `champion` if it is the best. Used by `mnist-track train` and
-by every trial of a study."""
+end the run, then register the model and let `champion` follow the rule. Used by
+`mnist-track train` and by every trial of a study."""
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -18,11 +15,18 @@ import torch
 from mnist_track import plots, tracking
 from mnist_track.config import TrainConfig
 from mnist_track.data import PIXEL_MEAN, PIXEL_STD, MnistSplits
+from mnist_track.faults import fault_point
 from mnist_track.metrics import ClassificationReport, classification_report
 from mnist_track.models import architecture_of, count_parameters
 from mnist_track.train import EpochMetrics, FitResult, fit, predict_logits
 
 GRID_SIZE = 32  # digits per prediction grid
+
+
+class TrialAbandoned(RuntimeError):
+    """The work of this run is no longer wanted: another worker has failed its trial
+    (this process was paused or cut off past the grace period) and will retry it. Its
+    run ends FAILED and no version is kept."""
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,15 @@ class RunOutcome:
     fit: FitResult
     test: ClassificationReport
     model_version: str | None  # None when not registered
-    champion: bool  # this run's version now carries the champion alias
+    champion: tracking.Champion | None  # where `champion` points after this run
 
     @property
     def validation_accuracy(self) -> float:
         return self.fit.final_validation_accuracy
+
+    @property
+    def is_champion(self) -> bool:
+        return self.champion is not None and self.champion.holds(self.model_version)
 
 
 def run_tags(config: TrainConfig, splits: MnistSplits) -> dict[str, Any]:
@@ -48,6 +56,7 @@ def run_tags(config: TrainConfig, splits: MnistSplits) -> dict[str, Any]:
         "split.train": sizes["train"],
         "split.validation": sizes["validation"],
         "split.test": sizes["test"],
+        tracking.VALIDATION_SPLIT_TAG: splits.validation_digest,
     }
     commit = tracking.git_commit()
     if commit:
@@ -60,6 +69,10 @@ def describe_architecture(config: TrainConfig) -> str:
         return "-".join(map(str, (784, *config.hidden_sizes, 10)))
     conv = "-".join(f"c{c}" for c in config.channels)
     return "-".join([conv, *map(str, config.hidden_sizes), "10"])
+
+
+def _always_wanted() -> bool:
+    return True
 
 
 def train_and_track(
@@ -75,20 +88,28 @@ def train_and_track(
     on_start: Callable[[str], None] | None = None,
     killed_on: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
     version_tags: Mapping[str, Any] | None = None,
+    still_wanted: Callable[[], bool] = _always_wanted,
 ) -> RunOutcome:
     """Train `config` inside one MLflow run. `on_epoch` runs after each epoch's metrics are
     logged (so a pruned trial keeps its curve); exceptions in `killed_on` end the run
-    KILLED, any other FAILED, with the error recorded."""
+    KILLED, any other FAILED, with the error recorded.
+
+    Registration comes last, after the run has all its metrics, plots and model and has
+    ended FINISHED: a version is a promise that its run is complete. `still_wanted` is
+    asked before the run ends and around registration; once it says no (a study's trial
+    was taken over by another worker), the run ends FAILED and no version is kept."""
     tags = run_tags(config, splits) | dict(extra_tags or {})
     with tracking.start_run(
         experiment, run_name, tags=tags, parent_run_id=parent_run_id, killed_on=killed_on
     ) as log:
         if on_start is not None:
             on_start(log.run_id)
+        fault_point("after_run_creation")
         log.log_params(config.to_params())
 
         def log_epoch(epoch: EpochMetrics) -> None:
             log.log_metrics(epoch.as_dict(), step=epoch.epoch)
+            fault_point("mid_training")
             if on_epoch is not None:
                 on_epoch(epoch)
 
@@ -97,31 +118,54 @@ def train_and_track(
         report = classification_report(logits, splits.test.labels)
         log.log_metrics(final_metrics(result, report))
         figures = figure_data(result, report, splits, logits)
-        drawing = draw_figures_in_background(figures)
-        version = tracking.log_model(
+        drawing = plots.render_async(figures)
+        model_uri = tracking.log_model(
             result.model.state_dict(),
             architecture_of(config),
             example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
-            registered_model=registered_model,
         )
-        champion = False
-        if version is not None:
-            tracking.tag_model_version(
-                registered_model,
-                version,
-                {
-                    tracking.VALIDATION_ACCURACY_TAG: result.final_validation_accuracy,
-                    "test_accuracy": report.accuracy,
-                    "run_id": log.run_id,
-                    "architecture": describe_architecture(config),
-                    **(version_tags or {}),
-                },
-            )
-            champion = tracking.promote_if_better(
-                registered_model, version, result.final_validation_accuracy
-            )
-        log.log_pngs(figures_from(drawing, figures), "plots")
-        return RunOutcome(log.run_id, result, report, version, champion)
+        fault_point("after_model_logging")
+        log.log_pngs(drawing.pngs(), "plots")
+        _insist(still_wanted)
+    if registered_model is None:
+        return RunOutcome(log.run_id, result, report, None, None)
+    return _register(
+        log.run_id,
+        model_uri,
+        registered_model,
+        {
+            tracking.VALIDATION_ACCURACY_TAG: result.final_validation_accuracy,
+            tracking.VALIDATION_SPLIT_TAG: splits.validation_digest,
+            "test_accuracy": report.accuracy,
+            "run_id": log.run_id,
+            "architecture": describe_architecture(config),
+            **(version_tags or {}),
+        },
+        splits.validation_digest,
+        still_wanted,
+        lambda version, champion: RunOutcome(log.run_id, result, report, version, champion),
+    )
+
+
+def _register(run_id, model_uri, name, version_tags, split, still_wanted, outcome):
+    """Register the finished run's model, then let `champion` follow the rule."""
+    abandoned = "the trial was taken over by another worker before its model was registered"
+    if not still_wanted():
+        tracking.end_stale_run(run_id, "FAILED", abandoned, also=("FINISHED",))
+        raise TrialAbandoned(abandoned)
+    version = tracking.register_version(model_uri, name, run_id, version_tags)
+    fault_point("after_registration")
+    if not still_wanted():  # taken over while registering: withdraw the version
+        tracking.delete_version(name, version)
+        tracking.end_stale_run(run_id, "FAILED", abandoned, also=("FINISHED",))
+        tracking.crown_champion(name, split)
+        raise TrialAbandoned(abandoned)
+    return outcome(version, tracking.crown_champion(name, split, candidate=version))
+
+
+def _insist(still_wanted: Callable[[], bool]) -> None:
+    if not still_wanted():
+        raise TrialAbandoned("the trial was taken over by another worker while this one ran")
 
 
 def final_metrics(result: FitResult, report: ClassificationReport) -> dict[str, float]:
@@ -150,36 +194,6 @@ def figure_data(
         "wrong": (to_pixels(splits.test.images[wrong]), labels[wrong], predicted[wrong]),
         "wrong_total": len(all_wrong),
     }
-
-
-_figure_pool: ProcessPoolExecutor | None = None
-
-
-def draw_figures_in_background(data: dict[str, Any]) -> Future:
-    """Draw the figures in a worker process while this one logs and registers the model:
-    the two take about as long, and training has left both cores free."""
-    global _figure_pool
-    try:
-        if _figure_pool is None:
-            _figure_pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn")
-            )
-        return _figure_pool.submit(plots.render_run_figures, data)
-    except (BrokenProcessPool, RuntimeError, OSError):
-        _figure_pool = None
-        done: Future = Future()
-        done.set_result(plots.render_run_figures(data))
-        return done
-
-
-def figures_from(future: Future, data: dict[str, Any]) -> dict[str, bytes]:
-    """The worker's PNGs, or the same drawn here if the worker died."""
-    try:
-        return future.result()
-    except BrokenProcessPool:
-        global _figure_pool
-        _figure_pool = None
-        return plots.render_run_figures(data)
 
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:

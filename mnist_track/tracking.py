@@ -8,6 +8,7 @@ calls as possible.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -28,6 +29,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
+from mnist_track.redact import redact_text, redact_url
+
 # Artifact transfers are local and fast; their progress bars only clutter the output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -38,6 +41,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_CODE = PACKAGE_DIR / "model_code.py"
 ERROR_TAG = "error"
 VALIDATION_ACCURACY_TAG = "validation_accuracy"
+# Versions are comparable only when scored on the same validation images: a version
+# validated on 1 image must not hold `champion` over one validated on 5,000.
+VALIDATION_SPLIT_TAG = "validation_split"
+CHAMPION_ATTEMPTS = 5  # re-decisions when other workers keep registering meanwhile
 
 
 class TrackingError(RuntimeError):
@@ -54,9 +61,32 @@ def use_tracking_uri(uri: str | None) -> str:
         MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any store failure is reported the same way
         raise TrackingError(
-            f"cannot open the MLflow tracking store {resolved!r}: {error}"
+            f"cannot open the MLflow tracking store {redact_url(resolved)!r}: "
+            + redact_text(str(error), resolved)
         ) from None
     return resolved
+
+
+def is_local_store(uri: str) -> bool:
+    """An embedded store on this machine (SQLite or a folder), not a server or a shared
+    database that workers on other machines could reach."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def ensure_experiment(name: str) -> str:
+    """The experiment's id, created if missing. Workers starting together on a fresh
+    server race to create it; the loser reads the winner's (MLflow's own set_experiment
+    then returns without making it active, so runs would land in the default one)."""
+    client = MlflowClient()
+    for _attempt in range(3):
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return client.create_experiment(name)
+        except MlflowException:
+            time.sleep(0.2)  # created by another worker meanwhile: read it on the next pass
+    raise TrackingError(f"cannot create or find the MLflow experiment {name!r}")
 
 
 @dataclass
@@ -131,7 +161,7 @@ def start_run(
     if parent_run_id is not None:  # a child lives in its parent's experiment
         experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
     elif run_id is None:
-        mlflow.set_experiment(experiment)
+        experiment_id = ensure_experiment(experiment)
     active = mlflow.start_run(
         run_id=run_id,
         experiment_id=experiment_id,
@@ -196,27 +226,54 @@ def launcher_run_id() -> str | None:
 
 
 def create_run(experiment: str, run_name: str, tags: Mapping[str, Any]) -> str:
-    """A new RUNNING run that is not made active (the caller resumes it with start_run)."""
-    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    """A new RUNNING run that is not made active (logged to by id, ended by `end_run`)."""
     run = MlflowClient().create_run(
-        experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()}
+        ensure_experiment(experiment),
+        run_name=run_name,
+        tags={k: str(v) for k, v in tags.items()},
     )
     return run.info.run_id
 
 
-def running_runs_tagged(experiment: str, tags: Mapping[str, Any], since_ms: int) -> list[str]:
-    """Ids of RUNNING runs with all `tags`, started since `since_ms`, oldest first."""
+def resume_run(run_id: str) -> None:
+    """Mark an ended run RUNNING again (a study's parent when a worker joins)."""
+    MlflowClient().update_run(run_id, status="RUNNING")
+
+
+def end_run(run_id: str, status: str) -> None:
+    MlflowClient().set_terminated(run_id, status=status)
+
+
+def run_status(run_id: str) -> str | None:
+    """FINISHED, RUNNING, ...; None for a run that does not exist or was deleted."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+    return run.info.status if run.info.lifecycle_stage == "active" else None
+
+
+def _quoted(value: Any) -> str:
+    """A string literal for MLflow's filter language (a quote inside is doubled)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def runs_tagged(experiment: str, tags: Mapping[str, Any]) -> list:
+    """Every active run of `experiment` carrying all `tags`, oldest first."""
     found = MlflowClient().get_experiment_by_name(experiment)
     if found is None:
         return []
-    query = " and ".join(
-        [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
-        + ["attributes.status = 'RUNNING'", f"attributes.start_time >= {since_ms}"]
-    )
-    runs = MlflowClient().search_runs([found.experiment_id], query, max_results=100)
-    return [
-        run.info.run_id for run in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
-    ]
+    query = " and ".join(f"tags.`{key}` = {_quoted(value)}" for key, value in tags.items())
+    runs, token = [], None
+    while True:
+        page = MlflowClient().search_runs(
+            [found.experiment_id], query, max_results=1000, page_token=token
+        )
+        runs += page
+        token = page.token
+        if not token:
+            break
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
 def discard_run(run_id: str) -> None:
@@ -231,18 +288,17 @@ def set_run_tags(run_id: str, tags: Mapping[str, Any]) -> None:
     MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def end_stale_run(run_id: str, status: str = "FAILED", reason: str | None = None) -> bool:
-    """End a run left RUNNING by a process that died; False if it already ended."""
-    client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        return False
-    if run.info.status != "RUNNING":
+def end_stale_run(
+    run_id: str, status: str = "FAILED", reason: str | None = None, also: tuple[str, ...] = ()
+) -> bool:
+    """End a run left RUNNING (or in one of the `also` states) by a process that died or
+    was overtaken; False if it had already ended otherwise, or does not exist."""
+    current = run_status(run_id)
+    if current is None or current == status or current not in ("RUNNING", *also):
         return False
     if reason:
-        client.set_tag(run_id, ERROR_TAG, reason)
-    client.set_terminated(run_id, status=status)
+        MlflowClient().set_tag(run_id, ERROR_TAG, reason)
+    MlflowClient().set_terminated(run_id, status=status)
     return True
 
 
@@ -260,11 +316,11 @@ def log_model(
     state_dict: Mapping[str, Any],
     architecture: Mapping[str, Any],
     example_pixels: np.ndarray,
-    registered_model: str | None,
-) -> str | None:
+) -> str:
     """Log the network as an MLflow pyfunc model into the active run: weights as
     safetensors, architecture as JSON, code as code (models-from-code plus this package),
-    so nothing is pickled. Returns the new registered version, if registered."""
+    so nothing is pickled. Returns the model's URI; registering it is a separate, last
+    step (`register_version`), once the run is complete."""
     from safetensors.torch import save_file
 
     from mnist_track.serving import ARCHITECTURE_ARTIFACT, WEIGHTS_ARTIFACT, model_signature
@@ -288,19 +344,53 @@ def log_model(
             signature=model_signature(),
             input_example=example_pixels,
             pip_requirements=pip_requirements(),
-            registered_model_name=registered_model,
         )
-    version = getattr(info, "registered_model_version", None)
-    return str(version) if version is not None else None
+    return info.model_uri
 
 
 # --- the registry ----------------------------------------------------------------------
 
 
-def tag_model_version(name: str, version: str, tags: Mapping[str, Any]) -> None:
+def register_version(model_uri: str, name: str, run_id: str, tags: Mapping[str, Any]) -> str:
+    """A new version of `name` for a logged model (`models:/<model id>`), its tags set in
+    the same call so no reader ever sees a version without its validation accuracy and
+    split. (Not `mlflow.register_model`, which prints to stderr on every call.)"""
     client = MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    version = client.create_model_version(
+        name,
+        source=model_uri,
+        run_id=run_id,
+        tags={k: str(v) for k, v in tags.items()},
+        await_creation_for=0,
+        model_id=model_uri.removeprefix("models:/"),
+    )
+    return str(version.version)
+
+
+def delete_version(name: str, version: str) -> None:
+    """Remove a version that must not exist (its run did not finish); an alias on it
+    goes with it."""
+    with contextlib.suppress(MlflowException):  # already deleted by another worker
+        MlflowClient().delete_model_version(name, version)
+
+
+def versions_of(name: str, tags: Mapping[str, Any] | None = None) -> list:
+    """Every version of a registered model (optionally only those with all `tags`)."""
+    query = f"name = {_quoted(name)}"
+    versions, token = [], None
+    while True:
+        page = MlflowClient().search_model_versions(query, max_results=1000, page_token=token)
+        versions += page
+        token = page.token
+        if not token:
+            break
+    wanted = {k: str(v) for k, v in (tags or {}).items()}
+    return [v for v in versions if all(v.tags.get(k) == x for k, x in wanted.items())]
 
 
 def alias_version(name: str, alias: str = CHAMPION_ALIAS):
@@ -320,24 +410,74 @@ def set_alias(name: str, version: str, alias: str = CHAMPION_ALIAS) -> None:
     client.set_registered_model_alias(name, alias, version)
 
 
-def promote_if_better(name: str, version: str, validation_accuracy: float) -> bool:
-    """Move `champion` to `version` only if it beats the current champion's validation
-    accuracy (or there is none). Returns True if it moved."""
-    current = alias_version(name)
-    if current is not None:
-        best = float(current.tags.get(VALIDATION_ACCURACY_TAG, "-inf"))
-        if validation_accuracy <= best:
-            return False
-    set_alias(name, version)
-    return True
+@dataclass(frozen=True)
+class Champion:
+    """Where `champion` points after a decision, and why a version was left out."""
+
+    version: str | None
+    note: str | None = None  # e.g. why the caller's version was not compared
+
+    def holds(self, version: str | None) -> bool:
+        return version is not None and self.version == version
 
 
-def model_version_uri(name: str, version: str) -> str:
-    return f"models:/{name}/{version}"
+def crown_champion(name: str, split: str, candidate: str | None = None) -> Champion:
+    """Point `champion` at the best version: highest validation accuracy among versions
+    whose run FINISHED and that were validated on the same split as the champion (or as
+    `split`, when there is no valid champion). Ties go to the older version.
+
+    Any worker can recompute this, so racing workers converge: each re-reads after
+    writing and decides again until what it reads agrees with what it wrote."""
+    finished: dict[str, bool] = {}  # run id -> FINISHED, cached across passes
+
+    def valid(version) -> bool:
+        if version.run_id not in finished:
+            finished[version.run_id] = run_status(version.run_id) == "FINISHED"
+        return finished[version.run_id]
+
+    decision = Champion(None)
+    for _attempt in range(CHAMPION_ATTEMPTS):
+        versions = versions_of(name)
+        current = alias_version(name)
+        reference = split
+        if current is not None and valid(current):
+            reference = current.tags.get(VALIDATION_SPLIT_TAG, "")
+        comparable = sorted(
+            (
+                v
+                for v in versions
+                if v.tags.get(VALIDATION_SPLIT_TAG) == reference
+                and VALIDATION_ACCURACY_TAG in v.tags
+            ),
+            key=lambda v: (-float(v.tags[VALIDATION_ACCURACY_TAG]), int(v.version)),
+        )
+        best = next((v for v in comparable if valid(v)), None)
+        if best is None:
+            if current is not None and not valid(current):
+                MlflowClient().delete_registered_model_alias(name, CHAMPION_ALIAS)
+            return Champion(None, _why_not_compared(candidate, versions, reference))
+        if current is None or str(current.version) != str(best.version):
+            MlflowClient().set_registered_model_alias(name, CHAMPION_ALIAS, best.version)
+        decision = Champion(str(best.version), _why_not_compared(candidate, versions, reference))
+        settled = alias_version(name)
+        if (
+            settled is not None
+            and str(settled.version) == str(best.version)
+            and len(versions_of(name)) == len(versions)
+        ):
+            return decision
+    return decision
 
 
-def champion_uri(name: str) -> str:
-    return f"models:/{name}@{CHAMPION_ALIAS}"
+def _why_not_compared(candidate: str | None, versions: list, reference: str) -> str | None:
+    mine = next((v for v in versions if str(v.version) == str(candidate)), None)
+    if mine is None or mine.tags.get(VALIDATION_SPLIT_TAG) == reference:
+        return None
+    return (
+        f"version {candidate} was not compared with the champion: it was validated on "
+        f"another split ({mine.tags.get(VALIDATION_SPLIT_TAG, 'unknown')} vs {reference}); "
+        "use `mnist-track promote` to crown it by hand"
+    )
 
 
 def load_model(model_uri: str):

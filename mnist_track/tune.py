@@ -1,8 +1,15 @@
 """Optuna studies, the only module that imports optuna: search space -> TrainConfig, the
-objective (one tracked run per trial), pruning, storage, resume, and the study summary.
+objective (one tracked run per trial), pruning, storage, resume, several workers on one
+study, reconciliation after kills, and the study summary.
 
 MLflow layout: one parent run per study, one nested run `trial-<n>` per trial. Each side
 finds the other: the trial's user attribute `mlflow_run_id`, the run's `optuna.*` tags.
+
+Several workers (processes, machines) share a study through its storage. Every fact they
+share lives there, never in one process: the trial count (trials are started under a
+study lock, so N workers end with exactly n_trials counted trials), who is at work
+(worker leases: the last to leave ends the parent run), and what a killed worker left
+half-done (put right by `reconcile` whenever a worker starts or leaves).
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
@@ -32,19 +40,28 @@ from mnist_track.config import (
     StudyConfig,
     TrainConfig,
 )
-from mnist_track.data import MnistSplits
-from mnist_track.runs import RunOutcome, train_and_track
+from mnist_track.coordination import WorkerLease, study_lock
+from mnist_track.data import MnistSplits, validation_digest
+from mnist_track.faults import fault_point
+from mnist_track.redact import redact_text, redact_url
+from mnist_track.runs import RunOutcome, TrialAbandoned, train_and_track
 from mnist_track.train import EpochMetrics
 
 RUN_ID_ATTR = "mlflow_run_id"
 ERROR_ATTR = "error"  # set on trials that failed by their own error (they count as done)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+RETRIED_TRIAL_ATTR = "failed_trial"  # system attr Optuna's retry callback puts on a retry
 STATE_TAG = "optuna.state"
-CLAIM_WINDOW_SECONDS = 600  # parent-run candidates of workers that started together
-CLAIM_SETTLE_SECONDS = 1.0
+RETRY_OF_TAG = "optuna.retry_of"
+ROLE_TAG = "mnist_track.role"
 STORAGE_ATTEMPTS = 5  # opening a storage that other workers are creating at the same time
+MAX_RETRIES = 3  # a trial whose worker keeps dying (out of memory, say) is not run for ever
+WAIT_FOR_OTHERS_SECONDS = 1.0
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# Trials are started with ask/tell under the study lock, and their heartbeats are beaten
+# by the worker lease's thread (coordination.py), which Optuna's warning cannot know.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 
 class StudyError(RuntimeError):
@@ -54,34 +71,57 @@ class StudyError(RuntimeError):
 # --- storage ---------------------------------------------------------------------------
 
 
-def default_storage_url(tracking_uri: str) -> str:
-    """An SQLite file beside the MLflow database when tracking is SQLite, else ./optuna.db."""
+def default_storage_url(tracking_uri: str) -> str | None:
+    """The embedded default: an SQLite file beside the MLflow database when tracking is
+    SQLite (./optuna.db for a local folder store). None for a tracking server or shared
+    database: workers elsewhere could never share a study kept in a local file."""
     if tracking_uri.startswith("sqlite:///"):
         database = Path(tracking_uri.removeprefix("sqlite:///"))
         return f"sqlite:///{database.with_name('optuna.db')}"
-    return "sqlite:///optuna.db"
+    if tracking.is_local_store(tracking_uri):
+        return "sqlite:///optuna.db"
+    return None
 
 
 def open_storage(url: str, heartbeat_interval: int, grace_period: int):
-    """An RDB storage with heartbeats, so trials of a process that died are failed (and
-    re-run) by the next process, while trials of live workers are left alone.
+    """An RDB storage with heartbeats, so trials of a process that died are failed by the
+    next worker to look and queued to run again with the same parameters, while trials of
+    live workers are left alone.
 
     Workers started together on a new database race to create Optuna's tables; the loser
     gets a duplicate-table or duplicate-key error, and simply tries again."""
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
+    def failure(error: Exception) -> StudyError:
+        return StudyError(
+            f"cannot open the Optuna storage {redact_url(url)!r}: {redact_text(str(error), url)}"
+        )
+
     for attempt in range(STORAGE_ATTEMPTS):
         try:
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_interval, grace_period=grace_period
+                url,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                **_retry_stale_trials(),
             )
         except (IntegrityError, ProgrammingError) as error:
             if attempt + 1 == STORAGE_ATTEMPTS:
-                raise StudyError(f"cannot open the Optuna storage {url!r}: {error}") from None
+                raise failure(error) from None
             time.sleep(0.2 + random.random() * 0.5)
         except Exception as error:  # noqa: BLE001 - bad URL, missing driver, refused connection
-            raise StudyError(f"cannot open the Optuna storage {url!r}: {error}") from None
+            raise failure(error) from None
     raise AssertionError("unreachable")
+
+
+def _retry_stale_trials() -> dict[str, Any]:
+    """Optuna's callback that re-queues a stale trial with its parameters, under the
+    name each supported Optuna release knows (renamed in 5.0)."""
+    storages = optuna.storages
+    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+        callback = storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+        return {"heartbeat_stale_trial_callback": callback}
+    return {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=MAX_RETRIES)}
 
 
 # --- search space ----------------------------------------------------------------------
@@ -101,27 +141,33 @@ def suggest_config(trial: optuna.Trial, study: StudyConfig) -> TrainConfig:
     values: dict[str, Any] = {
         key: suggest(trial, key, space[key]) for key in SCALAR_SEARCH_KEYS if key in space
     }
-    for count_key, size_key, field in (
+    for count_key, size_key, size_field in (
         ("hidden_layers", "hidden_units", "hidden_sizes"),
         ("conv_layers", "conv_channels", "channels"),
     ):
         if count_key not in space and size_key not in space:
             continue
-        fixed = getattr(base, field)
+        fixed = getattr(base, size_field)
         count = suggest(trial, count_key, space[count_key]) if count_key in space else len(fixed)
         if size_key in space:
-            values[field] = tuple(
+            values[size_field] = tuple(
                 suggest(trial, f"{size_key}_l{layer}", space[size_key]) for layer in range(count)
             )
         else:  # only the depth is searched: keep the fixed sizes, repeating the last one
-            values[field] = tuple(fixed[min(layer, len(fixed) - 1)] for layer in range(count))
+            values[size_field] = tuple(fixed[min(layer, len(fixed) - 1)] for layer in range(count))
     return TrainConfig.model_validate(base.model_dump() | values)
 
 
-def make_sampler(study: StudyConfig, trials_so_far: int) -> optuna.samplers.BaseSampler:
-    # Offset the seed by the trials already run, so a resumed study does not replay the
-    # random start-up samples it drew before.
-    seed = None if study.sampler.seed is None else study.sampler.seed + trials_so_far
+def make_sampler(
+    study: StudyConfig, trials_so_far: int, worker: int = 0
+) -> optuna.samplers.BaseSampler:
+    # A fresh study's first worker uses the seed as given (repeatable studies). Later
+    # starts and other workers mix in the trials already run and the worker's place, so
+    # a resumed study does not replay its start-up samples and parallel workers do not
+    # sample each other's trials.
+    seed = study.sampler.seed
+    if seed is not None and (trials_so_far, worker) != (0, 0):
+        seed = int(np.random.SeedSequence([seed, trials_so_far, worker]).generate_state(1)[0])
     if study.sampler.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=study.sampler.n_startup_trials)
@@ -149,17 +195,47 @@ class Objective:
         study: StudyConfig,
         splits: MnistSplits,
         parent_run_id: str,
+        storage: optuna.storages.BaseStorage,
         on_epoch: Callable[[int, EpochMetrics], None] | None = None,
     ) -> None:
         self.study = study
         self.splits = splits
         self.parent_run_id = parent_run_id
+        self.storage = storage
         self.on_epoch = on_epoch
-        self.outcomes: dict[int, RunOutcome] = {}
 
     def __call__(self, trial: optuna.Trial) -> float:
-        config = suggest_config(trial, self.study)
         run_ids: list[str] = []
+        try:
+            config = suggest_config(trial, self.study)
+            outcome = self._train(trial, config, run_ids)
+            trial.set_user_attr("test_accuracy", outcome.test.accuracy)
+            trial.set_user_attr("model_version", outcome.model_version)
+        except (optuna.TrialPruned, TrialAbandoned):
+            raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise TrialAbandoned("the trial was failed by another worker") from None
+        except KeyboardInterrupt:
+            # Optuna records an interrupted trial as FAIL (without ERROR_ATTR, so it is run
+            # again): say so on its run too, rather than leave the tag at RUNNING.
+            if run_ids:
+                with contextlib.suppress(Exception):  # never hide the interrupt
+                    tracking.set_run_tags(run_ids[0], {STATE_TAG: TrialState.FAIL.name})
+            raise
+        except Exception as error:
+            try:
+                trial.set_user_attr(ERROR_ATTR, f"{type(error).__name__}: {error}"[:1000])
+            except optuna.exceptions.UpdateFinishedTrialError:
+                raise TrialAbandoned("the trial was failed by another worker") from None
+            if run_ids:
+                tracking.set_run_tags(run_ids[0], {STATE_TAG: TrialState.FAIL.name})
+            raise
+        tracking.set_run_tags(outcome.run_id, {STATE_TAG: TrialState.COMPLETE.name})
+        return outcome.validation_accuracy
+
+    def _train(self, trial: optuna.Trial, config: TrainConfig, run_ids: list[str]) -> RunOutcome:
+        # Optuna keeps no public trial id; `_trial_id` is what its own optimize loop uses.
+        trial_id = trial._trial_id
 
         def on_start(run_id: str) -> None:
             run_ids.append(run_id)
@@ -176,43 +252,31 @@ class Objective:
                 )
                 raise optuna.TrialPruned(f"pruned after epoch {epoch.epoch}")
 
-        try:
-            outcome = train_and_track(
-                config,
-                self.splits,
-                experiment=self.study.experiment,
-                registered_model=self.study.registered_model,
-                run_name=f"trial-{trial.number}",
-                parent_run_id=self.parent_run_id,
-                extra_tags={
-                    "optuna.study": self.study.study_name,
-                    "optuna.trial": trial.number,
-                    STATE_TAG: TrialState.RUNNING.name,
-                },
-                version_tags={"study": self.study.study_name, "trial": trial.number},
-                on_epoch=report,
-                on_start=on_start,
-                killed_on=(optuna.TrialPruned, KeyboardInterrupt),
-            )
-        except optuna.TrialPruned:
-            raise
-        except KeyboardInterrupt:
-            # Optuna records an interrupted trial as FAIL (without ERROR_ATTR, so it is run
-            # again): say so on its run too, rather than leave the tag at RUNNING.
-            if run_ids:
-                with contextlib.suppress(Exception):  # never hide the interrupt
-                    tracking.set_run_tags(run_ids[0], {STATE_TAG: TrialState.FAIL.name})
-            raise
-        except Exception as error:
-            trial.set_user_attr(ERROR_ATTR, f"{type(error).__name__}: {error}"[:1000])
-            if run_ids:
-                tracking.set_run_tags(run_ids[0], {STATE_TAG: TrialState.FAIL.name})
-            raise
-        trial.set_user_attr("test_accuracy", outcome.test.accuracy)
-        trial.set_user_attr("model_version", outcome.model_version)
-        tracking.set_run_tags(outcome.run_id, {STATE_TAG: TrialState.COMPLETE.name})
-        self.outcomes[trial.number] = outcome
-        return outcome.validation_accuracy
+        def still_wanted() -> bool:
+            return self.storage.get_trial(trial_id).state == TrialState.RUNNING
+
+        tags = {
+            "optuna.study": self.study.study_name,
+            "optuna.trial": trial.number,
+            STATE_TAG: TrialState.RUNNING.name,
+        }
+        retry_of = self.storage.get_trial(trial_id).system_attrs.get(RETRIED_TRIAL_ATTR)
+        if retry_of is not None:
+            tags[RETRY_OF_TAG] = retry_of
+        return train_and_track(
+            config,
+            self.splits,
+            experiment=self.study.experiment,
+            registered_model=self.study.registered_model,
+            run_name=f"trial-{trial.number}",
+            parent_run_id=self.parent_run_id,
+            extra_tags=tags,
+            version_tags={"study": self.study.study_name, "trial": trial.number},
+            on_epoch=report,
+            on_start=on_start,
+            killed_on=(optuna.TrialPruned, KeyboardInterrupt),
+            still_wanted=still_wanted,
+        )
 
 
 # --- running a study -------------------------------------------------------------------
@@ -226,19 +290,25 @@ def counted(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and ERROR_ATTR in trial.user_attrs
 
 
-def reconcile_interrupted(study: optuna.Study) -> int:
-    """Fail trials whose process died (stale heartbeat) and end their MLflow runs, and
-    any run of an already-failed trial still marked RUNNING. Returns runs ended."""
-    optuna.storages.fail_stale_trials(study)
-    ended = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id and tracking.end_stale_run(
-            run_id, "FAILED", reason="the trial's process stopped before it finished"
-        ):
-            tracking.set_run_tags(run_id, {STATE_TAG: TrialState.FAIL.name})
-            ended += 1
-    return ended
+@dataclass
+class Reconciled:
+    """What a start (or end) of a worker found half-done and put right."""
+
+    trials_failed: int = 0  # stale trials failed, and queued to run again
+    runs_ended: int = 0
+    versions_removed: list[str] = field(default_factory=list)
+    parents_discarded: int = 0
+
+    def add(self, other: Reconciled) -> None:
+        self.trials_failed += other.trials_failed
+        self.runs_ended += other.runs_ended
+        self.versions_removed += other.versions_removed
+        self.parents_discarded += other.parents_discarded
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.trials_failed or self.runs_ended or self.versions_removed or self.parents_discarded
+        )
 
 
 @dataclass(frozen=True)
@@ -247,6 +317,9 @@ class StudyResult:
     parent_run_id: str
     storage_url: str
     ran: int  # trials run by this invocation
+    reconciled: Reconciled = field(default_factory=Reconciled)
+    abandoned: int = 0  # trials of this worker taken over by another (it was paused)
+    parent_status: str = "RUNNING"  # RUNNING while other workers are still at work
 
     @property
     def best_trial(self) -> FrozenTrial | None:
@@ -273,104 +346,288 @@ def run_study(
     *,
     on_trial: Callable[[FrozenTrial], None] | None = None,
     on_epoch: Callable[[int, EpochMetrics], None] | None = None,
+    on_abandoned: Callable[[int], None] | None = None,
 ) -> StudyResult:
-    """Create or resume the study, run the trials still missing, and log the study's
-    summary and plots on its parent run."""
+    """Join the study (creating it and its parent run if this worker is first), put right
+    what killed workers left half-done, run trials until the study as a whole has its
+    n_trials, and leave: the last worker to leave ends the parent run and logs the
+    study's summary and plots."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url, study_config.heartbeat_interval, study_config.grace_period)
+
+    def locked():
+        return study_lock(storage.engine, study_config.study_name)
+
+    with locked():
+        study = _create_or_load(study_config, storage)
+        parent_run_id = ensure_parent_run(study, study_config, storage_url)
+        reconciled = reconcile(study, study_config)
+        lease = WorkerLease(
+            storage,
+            storage.get_study_id_from_name(study_config.study_name),
+            study_config.heartbeat_interval,
+            study_config.grace_period,
+        ).start()
+        if tracking.run_status(parent_run_id) != "RUNNING":
+            tracking.resume_run(parent_run_id)
+    study.sampler = make_sampler(study_config, len(study.trials), lease.ordinal())
+    objective = Objective(study_config, splits, parent_run_id, storage, on_epoch=on_epoch)
+    work = _Work(study, storage, study_config, objective, lease, locked, on_trial, on_abandoned)
+    how = "failed"
     try:
-        study = optuna.create_study(
-            study_name=study_config.study_name,
+        work.run()
+        how = "left"
+    except KeyboardInterrupt:
+        how = "interrupted"
+        raise
+    finally:
+        parent_status, leaving = _leave(work, parent_run_id, how, storage_url)
+        reconciled.add(leaving)
+    return StudyResult(
+        study,
+        parent_run_id,
+        storage_url,
+        len(work.ran),
+        reconciled,
+        work.abandoned,
+        parent_status,
+    )
+
+
+def _create_or_load(config: StudyConfig, storage) -> optuna.Study:
+    try:
+        return optuna.create_study(
+            study_name=config.study_name,
             storage=storage,
             load_if_exists=True,
             direction="maximize",
-            pruner=make_pruner(study_config),
+            pruner=make_pruner(config),
         )
     except Exception as error:  # noqa: BLE001 - e.g. an existing study with other settings
-        raise StudyError(
-            f"cannot create or load study {study_config.study_name!r}: {error}"
-        ) from None
-    reconcile_interrupted(study)
-    study.sampler = make_sampler(study_config, len(study.trials))
-    remaining = remaining_trials(study, study_config.n_trials)
-    parent_run_id = study.user_attrs.get(PARENT_RUN_ATTR) or claim_parent_run(
-        study, study_config, storage_url
-    )
-    with tracking.start_run(
-        study_config.experiment, study_config.study_name, run_id=parent_run_id
-    ) as parent:
-        objective = Objective(study_config, splits, parent.run_id, on_epoch=on_epoch)
-        # Trials this process ran: other workers on the same storage add trials meanwhile.
-        ran: list[int] = []
-        callbacks = [
-            lambda _study, trial: ran.append(trial.number),
-            _stop_when_enough(study_config.n_trials),
-        ]
-        if on_trial is not None:
-            callbacks.append(lambda _study, trial: on_trial(trial))
-        if remaining is None or remaining > 0:
-            study.optimize(
-                objective,
-                n_trials=remaining,
-                timeout=study_config.timeout,
-                catch=(Exception,),
-                callbacks=callbacks,
-                gc_after_trial=False,
-            )
-        reconcile_interrupted(study)
-        result = StudyResult(study, parent.run_id, storage_url, len(ran))
-        log_study_summary(parent, result)
-    return result
+        raise StudyError(f"cannot create or load study {config.study_name!r}: {error}") from None
 
 
-def claim_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str) -> str:
-    """Create the study's parent run, once, even when workers start together: each worker
-    creates a candidate, waits a moment, then all pick the oldest candidate and the others
-    discard theirs. Under `mlflow run`, the launcher's run is the parent."""
+@dataclass
+class _Work:
+    """One worker's share of a study: take the next trial while the study needs one,
+    run it, tell Optuna, repeat."""
+
+    study: optuna.Study
+    storage: Any
+    config: StudyConfig
+    objective: Objective
+    lease: WorkerLease
+    locked: Callable[[], Any]
+    on_trial: Callable[[FrozenTrial], None] | None
+    on_abandoned: Callable[[int], None] | None
+    ran: list[int] = field(default_factory=list)
+    abandoned: int = 0
+
+    def run(self) -> None:
+        timeout = self.config.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            with self.locked():
+                trial, done = self._next_trial()
+            if done:
+                return
+            if trial is None:
+                # The trials left are running on other workers: wait, in case one of them
+                # dies and its trial has to be run again.
+                time.sleep(WAIT_FOR_OTHERS_SECONDS)
+                continue
+            self._run(trial)
+
+    def _next_trial(self) -> tuple[optuna.Trial | None, bool]:
+        """Under the study lock: a trial to run (a queued retry first), or None when the
+        remaining trials are all taken; True when the study has all its trials."""
+        optuna.storages.fail_stale_trials(self.study)
+        trials = self.study.get_trials(deepcopy=False)
+        n_trials = self.config.n_trials
+        if n_trials is not None:
+            done = sum(counted(t) for t in trials)
+            if done >= n_trials:
+                return None, True
+            taken = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+            queued = any(t.state == TrialState.WAITING for t in trials)
+            if done + taken >= n_trials and not queued:
+                return None, False
+        trial = self.study.ask()
+        self.lease.running(trial._trial_id)  # heartbeat now, so it can go stale if we die
+        return trial, False
+
+    def _run(self, trial: optuna.Trial) -> None:
+        try:
+            state, value = TrialState.COMPLETE, None
+            try:
+                value = self.objective(trial)
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except TrialAbandoned:
+                state = None
+            except KeyboardInterrupt:
+                self._tell(trial, TrialState.FAIL)
+                raise
+            except Exception:  # noqa: BLE001 - recorded on the trial and its run; go on
+                state = TrialState.FAIL
+            if state == TrialState.COMPLETE:
+                fault_point("before_tell")
+            told = None if state is None else self._tell(trial, state, value)
+        finally:
+            self.lease.running(None)
+        if told is None:
+            self._give_up(trial)
+            return
+        self.ran.append(trial.number)
+        if self.on_trial is not None:
+            self.on_trial(told)
+
+    def _tell(self, trial: optuna.Trial, state: TrialState, value: float | None = None):
+        """Tell Optuna how the trial ended; None if it is no longer this worker's."""
+        if self.storage.get_trial(trial._trial_id).state.is_finished():
+            return None
+        try:
+            return self.study.tell(trial, value, state=state)
+        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            return None  # failed by another worker between the check and the tell
+
+    def _give_up(self, trial: optuna.Trial) -> None:
+        """This worker's trial was failed by another (this one was paused past the grace
+        period) and is being run again: withdraw what it logged meanwhile."""
+        self.abandoned += 1
+        with self.locked():
+            reconcile(self.study, self.config)
+        if self.on_abandoned is not None:
+            self.on_abandoned(trial.number)
+
+
+def _leave(work: _Work, parent_run_id: str, how: str, storage_url: str):
+    """Release this worker's lease; the last active worker ends the parent run:
+    FINISHED, or KILLED if it was interrupted, FAILED if it crashed. Returns the parent's
+    status and what the final reconciliation put right."""
+    reconciled = Reconciled()
+    work.lease.release(how)
+    # The lease is released first, so of two workers leaving together at least one sees
+    # the other gone and ends the parent.
+    if work.lease.others_active():
+        return "RUNNING", reconciled
+    if how == "left":
+        with work.locked():
+            reconciled = reconcile(work.study, work.config)
+        result = StudyResult(work.study, parent_run_id, storage_url, len(work.ran))
+        log_study_summary(tracking.run_log(parent_run_id), result)
+    status = {"left": "FINISHED", "interrupted": "KILLED"}.get(how, "FAILED")
+    tracking.end_run(parent_run_id, status)
+    return status, reconciled
+
+
+def ensure_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str) -> str:
+    """The study's parent run, created by the first worker (the caller holds the study
+    lock, so only one creates it). Under `mlflow run`, the launcher's run is the parent."""
+    existing = study.user_attrs.get(PARENT_RUN_ATTR)
+    if existing and tracking.run_status(existing) is not None:
+        return existing
     tags = {
         "optuna.study": config.study_name,
-        "mnist_track.role": "study",
-        "optuna.storage": _safe_url(storage_url),
+        ROLE_TAG: "study",
+        "optuna.storage": redact_url(storage_url),
     }
-    launcher_run = tracking.launcher_run_id()
-    if launcher_run:
-        tracking.set_run_tags(launcher_run, tags)
-        chosen = mine = launcher_run
+    run_id = tracking.launcher_run_id()
+    if run_id:
+        tracking.set_run_tags(run_id, tags)
     else:
-        mine = tracking.create_run(config.experiment, config.study_name, tags)
-        # Let the candidates of workers that started together reach the store, so that
-        # all of them choose among the same set.
-        time.sleep(CLAIM_SETTLE_SECONDS)
-        recent_ms = int((time.time() - CLAIM_WINDOW_SECONDS) * 1000)
-        candidates = tracking.running_runs_tagged(config.experiment, tags, since_ms=recent_ms)
-        chosen = candidates[0] if candidates else mine
-        if chosen != mine:
-            tracking.discard_run(mine)
-    if chosen == mine:
-        study.set_user_attr(PARENT_RUN_ATTR, mine)
-        log = tracking.run_log(mine)
-        log.log_params(_study_params(config))
-        log.log_text(
-            yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "study_config.yaml"
-        )
-    return chosen
+        run_id = tracking.create_run(config.experiment, config.study_name, tags)
+    fault_point("parent_run_created")
+    log = tracking.run_log(run_id)
+    log.log_params(_study_params(config))
+    log.log_text(
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "study_config.yaml"
+    )
+    study.set_user_attr(PARENT_RUN_ATTR, run_id)
+    return run_id
 
 
-def remaining_trials(study: optuna.Study, n_trials: int | None) -> int | None:
-    if n_trials is None:
+def reconcile(study: optuna.Study, config: StudyConfig) -> Reconciled:
+    """Put right what killed or paused workers left half-done; the caller holds the study
+    lock. Stale trials are failed (and queued to run again with the same parameters);
+    runs left RUNNING by a trial that ended, or FINISHED by one that never completed, are
+    ended FAILED; versions that do not belong to a COMPLETE trial's FINISHED run are
+    removed; parent-run candidates that were never recorded are discarded; `champion` is
+    decided again if a version went."""
+    failed_before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    optuna.storages.fail_stale_trials(study)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    report = Reconciled(
+        trials_failed=sum(t.state == TrialState.FAIL for t in trials.values()) - failed_before
+    )
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    status: dict[str, str] = {}
+    for run in tracking.runs_tagged(config.experiment, {"optuna.study": config.study_name}):
+        run_id, tags = run.info.run_id, run.data.tags
+        status[run_id] = run.info.status
+        if tags.get(ROLE_TAG) == "study":
+            if run_id != parent and run.info.status == "RUNNING":
+                tracking.discard_run(run_id)
+                report.parents_discarded += 1
+            continue
+        verdict = _verdict(run, trials.get(_int(tags.get("optuna.trial"))))
+        if verdict is None:
+            continue
+        ended, state, reason = verdict
+        if tracking.end_stale_run(run_id, ended, reason, also=("FINISHED",)):
+            tracking.set_run_tags(run_id, {STATE_TAG: state})
+            status[run_id] = ended
+            report.runs_ended += 1
+    for version in tracking.versions_of(config.registered_model, {"study": config.study_name}):
+        trial = trials.get(_int(version.tags.get("trial")))
+        if not _version_belongs(version, trial, status):
+            tracking.delete_version(config.registered_model, str(version.version))
+            report.versions_removed.append(str(version.version))
+    if report.versions_removed or tracking.alias_version(config.registered_model) is None:
+        split = validation_digest(config.train.val_size, config.train.split_seed)
+        tracking.crown_champion(config.registered_model, split)
+    return report
+
+
+def _verdict(run, trial: FrozenTrial | None) -> tuple[str, str, str] | None:
+    """How a trial run that should not be RUNNING (or FINISHED) must end, if at all:
+    (run status, optuna.state tag, reason)."""
+    running = run.info.status == "RUNNING"
+    if trial is None:
+        return ("FAILED", "FAIL", "its trial does not exist") if running else None
+    if trial.state == TrialState.RUNNING:
+        return None  # a live worker's, or stale and failed on a later pass
+    own = trial.user_attrs.get(RUN_ID_ATTR) == run.info.run_id
+    if trial.state == TrialState.FAIL and ERROR_ATTR not in trial.user_attrs:
+        if running or run.info.status == "FINISHED":
+            return "FAILED", "FAIL", "the trial's process stopped before it finished"
         return None
-    return max(0, n_trials - sum(counted(t) for t in study.get_trials(deepcopy=False)))
+    if not running:
+        return None
+    if trial.state == TrialState.PRUNED and own:
+        return "KILLED", "PRUNED", "the trial was pruned"
+    if trial.state == TrialState.COMPLETE and own:
+        return None
+    return "FAILED", trial.state.name, "another run holds this trial's result"
 
 
-def _stop_when_enough(n_trials: int | None):
-    """Stop when the study as a whole has enough trials: with several workers on one
-    storage, each worker's own count is not enough."""
+def _version_belongs(version, trial: FrozenTrial | None, status: dict[str, str]) -> bool:
+    """A version may exist only for a FINISHED run of a COMPLETE trial (or of a trial
+    still running: its worker registers before it tells Optuna)."""
+    if trial is None or status.get(version.run_id) != "FINISHED":
+        return False
+    if trial.state == TrialState.RUNNING:
+        return True
+    return trial.state == TrialState.COMPLETE and trial.user_attrs.get(RUN_ID_ATTR) == (
+        version.run_id
+    )
 
-    def callback(study: optuna.Study, _trial: FrozenTrial) -> None:
-        if n_trials is not None and remaining_trials(study, n_trials) == 0:
-            study.stop()
 
-    return callback
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
 
 
 def _study_params(study: StudyConfig) -> dict[str, Any]:
@@ -391,16 +648,6 @@ def _study_params(study: StudyConfig) -> dict[str, Any]:
         for k, spec in study.search_space.items()
     }
     return params
-
-
-def _safe_url(url: str) -> str:
-    """A storage URL without its password, for tags."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001
-        return url.split("@")[-1]
 
 
 # --- the summary -----------------------------------------------------------------------
@@ -472,7 +719,10 @@ def study_summaries(storage_url: str) -> list[dict[str, Any]]:
     try:
         summaries = optuna.get_all_study_summaries(storage_url, include_best_trial=True)
     except Exception as error:  # noqa: BLE001
-        raise StudyError(f"cannot read studies from {storage_url!r}: {error}") from None
+        raise StudyError(
+            f"cannot read studies from {redact_url(storage_url)!r}: "
+            + redact_text(str(error), storage_url)
+        ) from None
     rows = []
     for summary in summaries:
         best = summary.best_trial
