@@ -42,13 +42,13 @@ def register_small_model(context: Context, store) -> None:
     result = fit(config, splits)
     tracking.use_tracking_uri(store.uri)
     store.experiment(NAME)
-    with tracking.start_run(NAME, "serving-model"):
-        version = tracking.log_model(
+    with tracking.start_run(NAME, "serving-model") as run:
+        model_uri = tracking.log_model(
             result.model.state_dict(),
             architecture_of(config),
             example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
-            registered_model=MODEL,
         )
+    version = tracking.register_version(model_uri, MODEL, run.run_id, {})
     if version != "1":
         raise RuntimeError(f"expected version 1 of {MODEL}, got {version}")
 

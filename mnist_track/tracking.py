@@ -258,22 +258,34 @@ def _quoted(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def runs_tagged(experiment: str, tags: Mapping[str, Any]) -> list:
-    """Every active run of `experiment` carrying all `tags`, oldest first."""
-    found = MlflowClient().get_experiment_by_name(experiment)
-    if found is None:
+def runs_tagged(experiments: list[str], tags: Mapping[str, Any]) -> list:
+    """Every active run in the named experiments carrying all `tags`, oldest first."""
+    client = MlflowClient()
+    ids = {found.experiment_id for name in experiments if (found := _experiment(client, name))}
+    if not ids:
         return []
     query = " and ".join(f"tags.`{key}` = {_quoted(value)}" for key, value in tags.items())
     runs, token = [], None
     while True:
-        page = MlflowClient().search_runs(
-            [found.experiment_id], query, max_results=1000, page_token=token
-        )
+        page = client.search_runs(sorted(ids), query, max_results=1000, page_token=token)
         runs += page
         token = page.token
         if not token:
             break
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def _experiment(client: MlflowClient, name: str):
+    return client.get_experiment_by_name(name)
+
+
+def experiment_of(run_id: str) -> str | None:
+    """The name of the experiment a run lives in."""
+    client = MlflowClient()
+    try:
+        return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+    except MlflowException:
+        return None
 
 
 def discard_run(run_id: str) -> None:

@@ -561,8 +561,12 @@ def reconcile(study: optuna.Study, config: StudyConfig) -> Reconciled:
         trials_failed=sum(t.state == TrialState.FAIL for t in trials.values()) - failed_before
     )
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    # Trials live in their parent's experiment (under `mlflow run`, the launcher's), and
+    # unrecorded parent candidates in the configured one.
+    experiments = [config.experiment] + [tracking.experiment_of(parent)] * bool(parent)
     status: dict[str, str] = {}
-    for run in tracking.runs_tagged(config.experiment, {"optuna.study": config.study_name}):
+    tagged = {"optuna.study": config.study_name}
+    for run in tracking.runs_tagged([e for e in experiments if e], tagged):
         run_id, tags = run.info.run_id, run.data.tags
         status[run_id] = run.info.status
         if tags.get(ROLE_TAG) == "study":
@@ -614,7 +618,8 @@ def _verdict(run, trial: FrozenTrial | None) -> tuple[str, str, str] | None:
 def _version_belongs(version, trial: FrozenTrial | None, status: dict[str, str]) -> bool:
     """A version may exist only for a FINISHED run of a COMPLETE trial (or of a trial
     still running: its worker registers before it tells Optuna)."""
-    if trial is None or status.get(version.run_id) != "FINISHED":
+    run_status = status.get(version.run_id) or tracking.run_status(version.run_id)
+    if trial is None or run_status != "FINISHED":
         return False
     if trial.state == TrialState.RUNNING:
         return True
