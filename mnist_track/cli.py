@@ -389,7 +389,12 @@ def studies(storage, tracking_uri) -> None:
                 if row["best_trial"] is None
                 else (f"{row['best_value']:.4f} (trial {row['best_trial']})")
             )
-            click.echo(f"{row['study']}\ttrials {row['trials']}\tbest {best}")
+            detail = f"{row['counted']} counted"
+            if row["retried"]:
+                detail += f", {row['retried']} lost with their worker and run again"
+            if row["running"]:
+                detail += f", {row['running']} running"
+            click.echo(f"{row['study']}\ttrials {row['trials']} ({detail})\tbest {best}")
 
 
 @main.command()

@@ -382,6 +382,7 @@ def run_study(
         raise
     finally:
         parent_status, leaving = _leave(work, parent_run_id, how, storage_url)
+        reconciled.add(work.reconciled)
         reconciled.add(leaving)
     return StudyResult(
         study,
@@ -422,6 +423,7 @@ class _Work:
     on_abandoned: Callable[[int], None] | None
     ran: list[int] = field(default_factory=list)
     abandoned: int = 0
+    reconciled: Reconciled = field(default_factory=Reconciled)
 
     def run(self) -> None:
         timeout = self.config.timeout
@@ -441,7 +443,7 @@ class _Work:
     def _next_trial(self) -> tuple[optuna.Trial | None, bool]:
         """Under the study lock: a trial to run (a queued retry first), or None when the
         remaining trials are all taken; True when the study has all its trials."""
-        optuna.storages.fail_stale_trials(self.study)
+        self.reconciled.trials_failed += fail_stale_trials(self.study)
         trials = self.study.get_trials(deepcopy=False)
         n_trials = self.config.n_trials
         if n_trials is not None:
@@ -496,7 +498,7 @@ class _Work:
         period) and is being run again: withdraw what it logged meanwhile."""
         self.abandoned += 1
         with self.locked():
-            reconcile(self.study, self.config)
+            self.reconciled.add(reconcile(self.study, self.config))
         if self.on_abandoned is not None:
             self.on_abandoned(trial.number)
 
@@ -554,12 +556,8 @@ def reconcile(study: optuna.Study, config: StudyConfig) -> Reconciled:
     ended FAILED; versions that do not belong to a COMPLETE trial's FINISHED run are
     removed; parent-run candidates that were never recorded are discarded; `champion` is
     decided again if a version went."""
-    failed_before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-    optuna.storages.fail_stale_trials(study)
+    report = Reconciled(trials_failed=fail_stale_trials(study))
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    report = Reconciled(
-        trials_failed=sum(t.state == TrialState.FAIL for t in trials.values()) - failed_before
-    )
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
     # Trials live in their parent's experiment (under `mlflow run`, the launcher's), and
     # unrecorded parent candidates in the configured one.
@@ -591,6 +589,14 @@ def reconcile(study: optuna.Study, config: StudyConfig) -> Reconciled:
         split = validation_digest(config.train.val_size, config.train.split_seed)
         tracking.crown_champion(config.registered_model, split)
     return report
+
+
+def fail_stale_trials(study: optuna.Study) -> int:
+    """Fail the trials whose worker stopped beating (Optuna queues each again with the
+    same parameters); returns how many."""
+    failed_before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    optuna.storages.fail_stale_trials(study)
+    return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - failed_before
 
 
 def _verdict(run, trial: FrozenTrial | None) -> tuple[str, str, str] | None:
@@ -720,9 +726,14 @@ def _varied_params(trials: list[FrozenTrial]) -> bool:
 
 
 def study_summaries(storage_url: str) -> list[dict[str, Any]]:
-    """Name, trial counts and best value of every study in a storage."""
+    """Name, trial counts by outcome and best value of every study in a storage (read
+    only: a storage that does not exist is an error, not created)."""
+    database = storage_url.removeprefix("sqlite:///")
+    if database != storage_url and not Path(database).is_file():
+        raise StudyError(f"no Optuna storage at {database} (nothing has been tuned there yet)")
     try:
-        summaries = optuna.get_all_study_summaries(storage_url, include_best_trial=True)
+        storage = optuna.storages.RDBStorage(storage_url, skip_table_creation=True)
+        summaries = optuna.get_all_study_summaries(storage, include_best_trial=True)
     except Exception as error:  # noqa: BLE001
         raise StudyError(
             f"cannot read studies from {redact_url(storage_url)!r}: "
@@ -731,10 +742,16 @@ def study_summaries(storage_url: str) -> list[dict[str, Any]]:
     rows = []
     for summary in summaries:
         best = summary.best_trial
+        trials = storage.get_all_trials(summary._study_id, deepcopy=False)
         rows.append(
             {
                 "study": summary.study_name,
                 "trials": summary.n_trials,
+                "counted": sum(counted(t) for t in trials),
+                "retried": sum(
+                    t.state == TrialState.FAIL and ERROR_ATTR not in t.user_attrs for t in trials
+                ),
+                "running": sum(t.state == TrialState.RUNNING for t in trials),
                 "best_value": best.value if best else math.nan,
                 "best_trial": best.number if best else None,
                 "started": summary.datetime_start,
