@@ -369,7 +369,7 @@ def test_server_keeps_serving_after_bad_requests(server, raw_mnist):
 # --- MLproject -------------------------------------------------------------------------
 
 
-def mlflow_run(tmp_path, *arguments: str):
+def mlflow_run(tmp_path, *arguments: str, env: dict[str, str] | None = None):
     """`mlflow run` of this repository with the local environment, into a fresh store in
     tmp_path, which must succeed; returns the client and the experiment id."""
     from mlflow import MlflowClient
@@ -389,7 +389,7 @@ def mlflow_run(tmp_path, *arguments: str):
             "mlproject",
             *arguments,
         ],
-        env=cli_env(MLFLOW_TRACKING_URI=uri),
+        env=cli_env(MLFLOW_TRACKING_URI=uri, **(env or {})),
         capture_output=True,
         text=True,
         timeout=600,
@@ -433,8 +433,7 @@ def test_mlflow_run_tune_entry_point(tmp_path):
         "tune",
         "-P",
         f"config={config}",
-        "-P",
-        f"storage=sqlite:///{tmp_path / 'optuna.db'}",
+        env={"MNIST_TRACK_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}"},
     )
     runs = client.search_runs([experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -446,3 +445,5 @@ def test_mlflow_run_tune_entry_point(tmp_path):
     assert sorted(r.info.run_name for r in children) == ["trial-0", "trial-1"]
     assert parent.data.metrics["trials/complete"] == 2
     assert len(client.search_model_versions("name = 'mlproject-tuned'")) == 2
+    # The storage URL (which may hold a password) is no MLflow parameter.
+    assert "storage" not in parent.data.params
