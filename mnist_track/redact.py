@@ -8,32 +8,31 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 MASK = "***"
 # Query parameters that carry credentials in database and HTTP URLs.
 SECRET_QUERY_KEYS = {"password", "pwd", "passwd", "secret", "token", "access_token", "api_key"}
-_USERINFO_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
+# The password runs to the '@' that starts the host (a host holds no '@'), as SQLAlchemy's
+# make_url reads it: an unencoded '@', '/', '?' or '#' in it stays masked too.
+_USERINFO_PASSWORD = re.compile(
+    r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:/@\s]*):\S*?@(?=[^@/\s]*(?:[/?#\s]|$))"
+)
 
 
 def redact_url(url: str | None) -> str:
     """`url` with any password (user:password@ or ?password=) replaced by ***."""
     if not url:
         return url or ""
+    masked = _USERINFO_PASSWORD.sub(rf"\g<scheme>\g<user>:{MASK}@", url, count=1)
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(masked)
     except ValueError:
-        return _USERINFO_PASSWORD.sub(rf"\g<scheme>\g<user>:{MASK}@", url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        user, has_password, _ = userinfo.partition(":")
-        netloc = f"{user}:{MASK}@{host}" if has_password else netloc
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(key.lower() in SECRET_QUERY_KEYS for key, _ in pairs):
-            query = urlencode(
-                [(k, MASK if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*"
-            )
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url  # unchanged: urlunsplit would also normalise sqlite:/// to sqlite:/
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        return masked
+    if not parts.query:
+        return masked
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(key.lower() in SECRET_QUERY_KEYS for key, _ in pairs):
+        return masked  # unchanged: urlunsplit would also normalise sqlite:/// to sqlite:/
+    query = urlencode(
+        [(k, MASK if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*"
+    )
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
 
 
 def redact_text(text: str, *urls: str | None) -> str:

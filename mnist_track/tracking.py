@@ -67,9 +67,15 @@ def use_tracking_uri(uri: str | None) -> str:
     return resolved
 
 
+# MLflow's URIs for hosted tracking that carry no "://" (e.g. "databricks").
+REMOTE_SCHEMES_WITHOUT_SLASHES = ("databricks", "databricks-uc", "uc")
+
+
 def is_local_store(uri: str) -> bool:
     """An embedded store on this machine (SQLite or a folder), not a server or a shared
     database that workers on other machines could reach."""
+    if uri.split(":")[0] in REMOTE_SCHEMES_WITHOUT_SLASHES:
+        return False
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
@@ -80,6 +86,13 @@ def ensure_experiment(name: str) -> str:
     client = MlflowClient()
     for _attempt in range(3):
         found = client.get_experiment_by_name(name)
+        if found is not None and found.lifecycle_stage == "deleted":
+            # MLflow keeps the name taken; creating runs in it would fail one by one.
+            raise TrackingError(
+                f"the MLflow experiment {name!r} (id {found.experiment_id}) is deleted: "
+                f"restore it (mlflow experiments restore --experiment-id "
+                f"{found.experiment_id}) or choose another experiment name"
+            )
         if found is not None:
             return found.experiment_id
         try:

@@ -618,6 +618,8 @@ def _verdict(run, trial: FrozenTrial | None) -> tuple[str, str, str] | None:
         return "KILLED", "PRUNED", "the trial was pruned"
     if trial.state == TrialState.COMPLETE and own:
         return None
+    if trial.state == TrialState.FAIL and own:
+        return "FAILED", "FAIL", "the trial failed with its own error"
     return "FAILED", trial.state.name, "another run holds this trial's result"
 
 

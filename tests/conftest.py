@@ -91,3 +91,7 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, cwd=None, **en
             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         )
     return result
+
+
+# Fixture modules imported by test modules: their asserts explain themselves too.
+pytest.register_assert_rewrite("postgres", "tracking_server")

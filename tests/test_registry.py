@@ -1,0 +1,267 @@
+"""Unit tests for the registry side of mnist_track.tracking: who gets `champion`, versions
+and their removal, experiments, and what counts as a local store. No training: runs are
+created with MlflowClient and versions point at cheap logged-model records."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from mlflow import MlflowClient
+
+from mnist_track import tracking
+from mnist_track.tracking import (
+    CHAMPION_ALIAS,
+    VALIDATION_ACCURACY_TAG,
+    VALIDATION_SPLIT_TAG,
+    Champion,
+    alias_version,
+    crown_champion,
+    delete_version,
+    ensure_experiment,
+    is_local_store,
+    register_version,
+    versions_of,
+)
+
+MODEL = "digits"
+SPLIT = "split-a"
+OTHER_SPLIT = "split-b"
+
+
+@pytest.fixture(scope="module")
+def migrated_store(tmp_path_factory):
+    """An MLflow SQLite database with its tables created once (creating them takes about a
+    second; copying the file takes milliseconds)."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
+    return path
+
+
+@pytest.fixture
+def store(tracking_uri, tmp_path, migrated_store):
+    """The conftest's fresh store in tmp_path, starting from the migrated template."""
+    shutil.copy(migrated_store, tmp_path / "mlflow.db")
+    return MlflowClient()
+
+
+@pytest.fixture
+def experiment_id(store):
+    return ensure_experiment("registry-tests")
+
+
+@pytest.fixture
+def version(store, experiment_id):
+    """add(accuracy, split, status) -> a new version of MODEL whose run ended in `status`
+    (RUNNING: not ended); returns (version, run_id)."""
+
+    def add(accuracy: float | None, split: str = SPLIT, status: str = "FINISHED"):
+        run_id = store.create_run(experiment_id).info.run_id
+        model = store.create_logged_model(experiment_id, source_run_id=run_id)
+        tags = {VALIDATION_SPLIT_TAG: split}
+        if accuracy is not None:
+            tags[VALIDATION_ACCURACY_TAG] = accuracy
+        number = register_version(f"models:/{model.model_id}", MODEL, run_id, tags)
+        if status != "RUNNING":
+            store.set_terminated(run_id, status=status)
+        return number, run_id
+
+    return add
+
+
+def champion() -> str | None:
+    found = alias_version(MODEL)
+    return None if found is None else str(found.version)
+
+
+# --- registering -----------------------------------------------------------------------
+
+
+def test_register_version_sets_tags_in_the_same_call(store, version):
+    first, run_id = version(0.91)
+    second, _ = version(0.92, OTHER_SPLIT)
+    assert (first, second) == ("1", "2")
+    [stored] = versions_of(MODEL, {VALIDATION_SPLIT_TAG: SPLIT})
+    assert stored.run_id == run_id
+    assert stored.tags == {VALIDATION_SPLIT_TAG: SPLIT, VALIDATION_ACCURACY_TAG: "0.91"}
+    assert [str(v.version) for v in versions_of(MODEL, {VALIDATION_ACCURACY_TAG: 0.92})] == ["2"]
+    assert len(versions_of(MODEL)) == 2
+    assert versions_of("no-such-model") == []
+
+
+# --- crown_champion --------------------------------------------------------------------
+
+
+def test_the_most_accurate_finished_version_on_the_split_is_crowned(store, version):
+    version(0.90)
+    best, _ = version(0.97)
+    version(0.95)
+    decision = crown_champion(MODEL, SPLIT)
+    assert decision == Champion(best)
+    assert champion() == best
+    assert decision.holds(best) and not decision.holds("1") and not decision.holds(None)
+
+
+@pytest.mark.parametrize("status", ["FAILED", "RUNNING", "KILLED"])
+def test_a_version_whose_run_did_not_finish_is_never_crowned(store, version, status):
+    finished, _ = version(0.90)
+    unfinished, _ = version(0.99, status=status)
+    assert crown_champion(MODEL, SPLIT, candidate=unfinished) == Champion(finished)
+    assert champion() == finished
+
+
+def test_only_unfinished_versions_leave_no_champion(store, version):
+    version(0.99, status="FAILED")
+    version(0.98, status="RUNNING")
+    assert crown_champion(MODEL, SPLIT) == Champion(None)
+    assert champion() is None
+
+
+def test_a_version_on_another_split_is_not_compared(store, version):
+    held, _ = version(0.95)
+    crown_champion(MODEL, SPLIT)
+    other, _ = version(0.99, OTHER_SPLIT)  # better, but scored on other images
+    decision = crown_champion(MODEL, OTHER_SPLIT, candidate=other)
+    assert decision.version == held
+    assert champion() == held
+    assert decision.note is not None
+    assert f"version {other}" in decision.note
+    assert OTHER_SPLIT in decision.note and SPLIT in decision.note
+    assert "promote" in decision.note
+    # A candidate on the champion's split gets no note.
+    same, _ = version(0.80)
+    assert crown_champion(MODEL, SPLIT, candidate=same) == Champion(held)
+
+
+def test_without_a_valid_champion_the_split_argument_is_the_reference(store, version):
+    on_a, _ = version(0.90, SPLIT)
+    on_b, _ = version(0.99, OTHER_SPLIT)
+    decision = crown_champion(MODEL, SPLIT, candidate=on_b)
+    assert decision.version == on_a  # 0.99 on another split does not count
+    assert "promote" in decision.note
+
+    delete_version(MODEL, on_a)
+    assert crown_champion(MODEL, OTHER_SPLIT, candidate=on_b) == Champion(on_b)
+    assert champion() == on_b
+
+
+def test_an_invalid_champion_does_not_fix_the_reference(store, version):
+    on_a, run_a = version(0.90, SPLIT)
+    crown_champion(MODEL, SPLIT)
+    on_b, _ = version(0.80, OTHER_SPLIT)
+    store.update_run(run_a, status="FAILED")  # the champion no longer counts
+    assert crown_champion(MODEL, OTHER_SPLIT) == Champion(on_b)
+    assert champion() == on_b
+
+
+def test_ties_go_to_the_older_version(store, version):
+    version(0.80)
+    older, _ = version(0.95)
+    version(0.95)
+    version(0.95)
+    assert crown_champion(MODEL, SPLIT) == Champion(older)
+    assert champion() == older
+
+
+def test_a_tie_does_not_move_the_champion_to_a_newer_version(store, version):
+    older, _ = version(0.95)
+    crown_champion(MODEL, SPLIT)
+    newer, _ = version(0.95)
+    assert crown_champion(MODEL, SPLIT, candidate=newer) == Champion(older)
+
+
+def test_versions_without_accuracy_are_not_compared(store, version):
+    version(None)
+    scored, _ = version(0.5)
+    assert crown_champion(MODEL, SPLIT) == Champion(scored)
+
+
+def test_a_champion_whose_run_failed_loses_the_alias(store, version):
+    version(0.90)
+    runner_up, _ = version(0.93)
+    best, best_run = version(0.97)
+    assert crown_champion(MODEL, SPLIT).version == best
+    store.update_run(best_run, status="FAILED")
+    assert crown_champion(MODEL, SPLIT) == Champion(runner_up)
+    assert champion() == runner_up
+
+
+def test_the_alias_goes_when_no_version_is_valid_any_more(store, version):
+    only, run_id = version(0.97)
+    crown_champion(MODEL, SPLIT)
+    store.update_run(run_id, status="FAILED")
+    assert crown_champion(MODEL, SPLIT) == Champion(None)
+    assert champion() is None
+    assert CHAMPION_ALIAS not in store.get_registered_model(MODEL).aliases
+
+
+def test_deleting_the_champion_removes_its_alias_and_it_is_recrowned(store, version):
+    runner_up, _ = version(0.93)
+    best, _ = version(0.97)
+    crown_champion(MODEL, SPLIT)
+    assert champion() == best
+    delete_version(MODEL, best)
+    assert champion() is None
+    assert [str(v.version) for v in versions_of(MODEL)] == [runner_up]
+    delete_version(MODEL, best)  # already gone: no error
+    assert crown_champion(MODEL, SPLIT) == Champion(runner_up)
+    assert champion() == runner_up
+
+
+def test_crowning_is_idempotent(store, version):
+    version(0.90)
+    best, _ = version(0.97)
+    first = crown_champion(MODEL, SPLIT)
+    assert crown_champion(MODEL, SPLIT) == first == Champion(best)
+    assert len(versions_of(MODEL)) == 2
+
+
+# --- experiments and stores ------------------------------------------------------------
+
+
+def test_ensure_experiment_returns_the_same_id(store):
+    first = ensure_experiment("repeat")
+    assert ensure_experiment("repeat") == first
+    assert store.get_experiment_by_name("repeat").experiment_id == first
+    assert ensure_experiment("another") != first
+
+
+def test_ensure_experiment_never_returns_a_deleted_experiment(store):
+    deleted = ensure_experiment("deleted-in-the-ui")
+    store.delete_experiment(deleted)
+    try:
+        found = ensure_experiment("deleted-in-the-ui")
+    except tracking.TrackingError as error:
+        assert "deleted-in-the-ui" in str(error)  # refusing, by name, is fine too
+        return
+    assert store.get_experiment(found).lifecycle_stage == "active"
+
+
+@pytest.mark.parametrize(
+    ("uri", "local"),
+    [
+        ("sqlite:///x", True),
+        ("sqlite:////abs/mlflow.db", True),
+        ("file:///x", True),
+        ("./mlruns", True),
+        ("mlruns", True),
+        ("/abs/mlruns", True),
+        ("http://h", False),
+        ("https://mlflow.example.com", False),
+        ("postgresql://h", False),
+        ("mysql+pymysql://u:p@h/db", False),
+        ("databricks://profile", False),
+    ],
+)
+def test_is_local_store(uri, local):
+    assert is_local_store(uri) is local
+
+
+def test_the_databricks_uri_is_not_a_local_store():
+    assert is_local_store("databricks") is False
+
+
+def test_the_module_talks_to_the_store_of_the_fixture(store, tracking_uri):
+    # Guard for the fixtures above: the copied template is the store in use.
+    assert tracking.mlflow.get_tracking_uri() == tracking_uri
+    assert store.search_experiments(filter_string="name = 'Default'")
