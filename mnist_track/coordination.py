@@ -94,6 +94,26 @@ def _acquire(try_once: Callable[[], bool], timeout: float, study_name: str) -> N
 
 
 @contextlib.contextmanager
+def creating_store(url: str, timeout: float = LOCK_TIMEOUT_SECONDS) -> Iterator[None]:
+    """Hold a file lock beside an SQLite database while it is opened (and, when new,
+    created and migrated): workers started together on a fresh mlflow.db or optuna.db
+    would otherwise race to create the same tables. Nothing for other databases, whose
+    servers serialise their own schema changes or whose callers retry."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        parsed = None  # not a database URL (e.g. a tracking server): nothing to lock
+    if parsed is None or parsed.get_backend_name() != "sqlite":
+        yield
+        return
+    with _file_lock(parsed.database, timeout):
+        yield
+
+
+@contextlib.contextmanager
 def _file_lock(database: str | None, timeout: float) -> Iterator[None]:
     if not database or database == ":memory:":
         yield  # one process only: nothing to share

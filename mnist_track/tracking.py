@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
+from mnist_track.coordination import creating_store
 from mnist_track.redact import redact_text, redact_url
 
 # Artifact transfers are local and fast; their progress bars only clutter the output.
@@ -58,7 +59,8 @@ def use_tracking_uri(uri: str | None) -> str:
         mlflow.set_tracking_uri(uri)
     resolved = mlflow.get_tracking_uri()
     try:
-        MlflowClient().search_experiments(max_results=1)
+        with creating_store(resolved):  # the first call creates and migrates a new store
+            MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any store failure is reported the same way
         raise TrackingError(
             f"cannot open the MLflow tracking store {redact_url(resolved)!r}: "

@@ -40,7 +40,7 @@ from mnist_track.config import (
     StudyConfig,
     TrainConfig,
 )
-from mnist_track.coordination import WorkerLease, study_lock
+from mnist_track.coordination import WorkerLease, creating_store, study_lock
 from mnist_track.data import MnistSplits, validation_digest
 from mnist_track.faults import fault_point
 from mnist_track.redact import redact_text, redact_url
@@ -99,12 +99,13 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int):
 
     for attempt in range(STORAGE_ATTEMPTS):
         try:
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                **_retry_stale_trials(),
-            )
+            with creating_store(url):
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    **_retry_stale_trials(),
+                )
         except (IntegrityError, ProgrammingError) as error:
             if attempt + 1 == STORAGE_ATTEMPTS:
                 raise failure(error) from None

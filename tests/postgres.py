@@ -4,7 +4,8 @@ The session fixture `postgres_url` initdb's a cluster in a fresh temporary folde
 `postgres` on a free port of 127.0.0.1 only (its Unix socket stays in that folder), creates
 a database and yields `postgresql+psycopg2://USER@127.0.0.1:PORT/DB`; the server is
 stopped and the folder removed at the end of the session. `create_database(url, name)`
-adds another database on the same server.
+adds another database on the same server. `postgres_cluster()` is the same server as a
+context manager, for the benchmarks.
 
 The binaries come from $MNIST_TRACK_PG_BINDIR, else `pg_config --bindir`, else the newest
 /usr/lib/postgresql/*/bin, else PATH.
@@ -29,6 +30,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -204,19 +206,28 @@ def wait_until_accepting(url: str, timeout: float = 30) -> None:
             time.sleep(0.2)
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """URL of a fresh database on a PostgreSQL server private to this test session."""
+class Unavailable(RuntimeError):
+    """No PostgreSQL server binaries or no driver on this machine."""
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[str]:
+    """A PostgreSQL server private to the caller, in a fresh temporary folder; yields the
+    URL of a fresh database on it and stops the server and removes the folder at the
+    end. Raises Unavailable when binaries or driver are missing, RuntimeError when the
+    server does not start."""
     bindir = find_bindir()
     if bindir is None:
-        unavailable(
+        raise Unavailable(
             "no initdb, pg_ctl and postgres found (tried $MNIST_TRACK_PG_BINDIR, "
             "pg_config --bindir, /usr/lib/postgresql/*/bin and PATH)"
         )
     try:
         import psycopg2  # noqa: F401
     except ImportError:
-        unavailable("the psycopg2 driver is not installed (pip install psycopg2-binary)")
+        raise Unavailable(
+            "the psycopg2 driver is not installed (pip install psycopg2-binary)"
+        ) from None
     user = server_user()
     folder = Path(tempfile.mkdtemp(prefix="mnist-track-pg-", dir="/tmp"))
     server = PostgresServer(bindir, user, folder)
@@ -231,9 +242,27 @@ def postgres_url() -> Iterator[str]:
     except Exception as error:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
-        pytest.fail(f"cannot start PostgreSQL from {bindir} as {user.pw_name}: {error}")
+        raise RuntimeError(
+            f"cannot start PostgreSQL from {bindir} as {user.pw_name}: {error}"
+        ) from error
     try:
         yield url
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of a fresh database on a PostgreSQL server private to this test session."""
+    cluster = postgres_cluster()
+    try:
+        url = cluster.__enter__()
+    except Unavailable as error:
+        unavailable(str(error))
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    try:
+        yield url
+    finally:
+        cluster.__exit__(None, None, None)

@@ -22,6 +22,7 @@ from mnist_track.coordination import (
     LockTimeout,
     WorkerLease,
     _lock_key,
+    creating_store,
     study_lock,
 )
 
@@ -303,3 +304,61 @@ def test_a_trial_goes_stale_only_after_its_lease_stops(storage, study, study_id,
     assert time.monotonic() - stopped > 0.75
     optuna.storages.fail_stale_trials(study)
     assert storage.get_trial(trial_id).state == optuna.trial.TrialState.FAIL
+
+
+# --- creating a store ------------------------------------------------------------------
+
+OPENER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from mnist_track import tracking
+    from mnist_track.tune import open_storage
+
+    go = Path(sys.argv[1])
+    while not go.exists():
+        time.sleep(0.005)
+    tracking.use_tracking_uri(sys.argv[2])
+    open_storage(sys.argv[3], heartbeat_interval=1, grace_period=3)
+    """
+)
+
+
+def test_workers_starting_together_on_fresh_sqlite_stores_all_get_in(tmp_path):
+    # MLflow migrates a new mlflow.db in ~1 s; unguarded, a second process starting then
+    # fails with "table _alembic_tmp_experiments already exists".
+    go = tmp_path / "go"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage_url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, str(go), tracking_uri, storage_url],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    time.sleep(3)  # let all three import MLflow, then start them at once
+    go.touch()
+    errors = [child.communicate(timeout=120)[1] for child in children]
+    assert [child.returncode for child in children] == [0, 0, 0], errors
+
+
+def test_creating_a_sqlite_store_waits_for_the_lock_beside_it(tmp_path, sqlite_engine):
+    child, _, _ = _start_holder(str(sqlite_engine.url), tmp_path, hold=60)
+    try:
+        with pytest.raises(LockTimeout), creating_store(str(sqlite_engine.url), timeout=0.2):
+            pytest.fail("opened while another process held the lock")
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:5000", "postgresql://u@h/db", "sqlite://", "databricks"]
+)
+def test_creating_another_store_takes_no_lock(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with creating_store(url, timeout=0.1):
+        pass
+    assert list(tmp_path.iterdir()) == []

@@ -227,9 +227,7 @@ def test_two_workers_share_a_study_through_the_tracking_server(tracking_server, 
         "before_tell",
     ],
 )
-def test_a_worker_killed_at_any_point_leaves_the_promises_intact(
-    tracking_server, tmp_path, point
-):
+def test_a_worker_killed_at_any_point_leaves_the_promises_intact(tracking_server, tmp_path, point):
     """Three workers, one of which SIGKILLs itself at `point`; the two others finish the
     study (retrying the killed trial once its heartbeat is stale); then a restart."""
     stores = Stores(tracking_server.url, tracking_server.storage_url)
@@ -350,7 +348,11 @@ def test_a_storage_password_never_leaves_the_worker(tracking_server, tmp_path):
     folder = tmp_path / "worker"
     folder.mkdir()
     worker = start_worker(
-        tracking_server, folder, str(config), name="tune", env_extra={"MNIST_TRACK_STORAGE": storage_url}
+        tracking_server,
+        folder,
+        str(config),
+        name="tune",
+        env_extra={"MNIST_TRACK_STORAGE": storage_url},
     )
     assert wait(worker, folder, "tune") == 0, output_of(folder, "tune")
     output = output_of(folder, "tune")

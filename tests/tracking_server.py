@@ -36,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,10 +198,12 @@ def start_server(backend_url: str, root: Path) -> tuple[subprocess.Popen, str]:
     raise AssertionError("unreachable")
 
 
-@pytest.fixture(scope="session")
-def tracking_server(postgres_url: str) -> Iterator[TrackingServer]:
+@contextmanager
+def running_tracking_server(postgres_url: str) -> Iterator[TrackingServer]:
     """An `mlflow server` on 127.0.0.1 with a PostgreSQL backend store and proxied
-    artifacts, and an empty Optuna database on the same PostgreSQL server."""
+    artifacts, and an empty Optuna database on the same PostgreSQL server; stopped and
+    its folder removed at the end. Raises ServerDied or TimeoutError (with the end of its
+    log) when it does not come up."""
     backend_url = create_database(postgres_url, BACKEND_DATABASE)
     storage_url = create_database(postgres_url, STUDIES_DATABASE)
     root = Path(tempfile.mkdtemp(prefix="mnist-track-mlflow-", dir="/tmp"))
@@ -213,7 +216,7 @@ def tracking_server(postgres_url: str) -> Iterator[TrackingServer]:
     except (ServerDied, TimeoutError) as error:
         end_of_log = tail(log)
         shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"{error}; end of its log:\n{end_of_log}", pytrace=False)
+        raise type(error)(f"{error}; end of its log:\n{end_of_log}") from None
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
@@ -224,6 +227,20 @@ def tracking_server(postgres_url: str) -> Iterator[TrackingServer]:
     finally:
         stop(process)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres_url: str) -> Iterator[TrackingServer]:
+    """`running_tracking_server` for the whole test session."""
+    server = running_tracking_server(postgres_url)
+    try:
+        running = server.__enter__()
+    except (ServerDied, TimeoutError) as error:
+        pytest.fail(str(error), pytrace=False)
+    try:
+        yield running
+    finally:
+        server.__exit__(None, None, None)
 
 
 # --- workers ----------------------------------------------------------------------------

@@ -1,0 +1,316 @@
+"""A team on one study: trials per minute of experiments/quick.yaml run by `mnist-track
+tune` worker processes, 1 and 2 workers against an `mlflow server` (PostgreSQL backend
+store, proxied artifacts, Optuna study on the same PostgreSQL), beside 1 worker on the
+embedded default (SQLite mlflow.db + optuna.db), all in one run; and the cost of one
+logged trial against the server vs SQLite (train_and_track in-process, alternating).
+
+Equal work in every configuration: the study is created beforehand with the same N
+parameter sets enqueued (drawn once from quick.yaml's search space), and pruning is off,
+so each configuration trains exactly the same N models for the same epochs. Workers are
+timed from spawn to exit, imports and data loading included, as a user would see them.
+
+The PostgreSQL cluster and the tracking server are started by the test suite's own
+helpers (tests/postgres.py, tests/tracking_server.py), imported from tests/ on sys.path.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from benchmarks.common import (
+    BIN_DIR,
+    REPO_ROOT,
+    Context,
+    Figure,
+    Stopwatch,
+    data_dir,
+    log,
+    temp_store,
+    warm_up_mlflow,
+)
+
+NAME = "team"
+CONFIG = REPO_ROOT / "experiments" / "quick.yaml"
+TRIALS, QUICK_TRIALS = 8, 4
+TRIAL_REPEATS, QUICK_TRIAL_REPEATS = 3, 1
+# On 2 cores: one worker uses both (torch's default), two workers one thread each.
+CORES = os.cpu_count() or 1
+
+
+@dataclass
+class StudyTiming:
+    label: str
+    workers: int
+    seconds: float  # spawn of the first worker to exit of the last
+    complete: int
+
+    @property
+    def per_minute(self) -> float:
+        return self.complete / (self.seconds / 60)
+
+
+def test_helpers():
+    """tests/postgres.py and tests/tracking_server.py (which imports tests/conftest.py)."""
+    tests = str(REPO_ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import postgres
+    import tracking_server
+
+    return postgres, tracking_server
+
+
+def fixed_trials(count: int) -> list[dict]:
+    """`count` parameter sets from quick.yaml's search space (seeded random draws)."""
+    import optuna
+
+    from mnist_track.config import load_study_config
+    from mnist_track.tune import suggest_config
+
+    study_config = load_study_config(CONFIG, {})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    params = []
+    for _ in range(count):
+        trial = study.ask()
+        suggest_config(trial, study_config)
+        params.append(trial.params)
+        study.tell(trial, 0.0)
+    return params
+
+
+def study_file(folder: Path, label: str, trials: int) -> Path:
+    """quick.yaml with its own names and pruning off."""
+    config = yaml.safe_load(CONFIG.read_text())
+    config.update(
+        study_name=f"bench-{label}",
+        experiment=f"bench-{label}",
+        registered_model=f"bench-{label}",
+        n_trials=trials,
+        pruner={"type": "none"},
+    )
+    path = folder / f"{label}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def enqueue(storage_url: str, label: str, params: list[dict]) -> None:
+    import optuna
+
+    study = optuna.create_study(
+        study_name=f"bench-{label}", storage=storage_url, direction="maximize"
+    )
+    for values in params:
+        study.enqueue_trial(values)
+
+
+def run_workers(
+    label: str,
+    workers: int,
+    params: list[dict],
+    tracking_uri: str,
+    storage_url: str,
+    root: Path,
+) -> StudyTiming:
+    """`workers` tune processes, each in an empty folder of its own, on one study."""
+    config = study_file(root, label, len(params))
+    enqueue(storage_url, label, params)
+    threads = max(CORES // workers, 1)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MNIST_TRACK_DATA": str(data_dir()),
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MNIST_TRACK_STORAGE": storage_url,
+        "MNIST_TRACK_THREADS": str(threads),
+    }
+    command = [str(BIN_DIR / "mnist-track"), "tune", str(config), "--no-download"]
+    logs, processes = [], []
+    with Stopwatch() as watch:
+        for index in range(workers):
+            folder = root / f"{label}-{index}"
+            folder.mkdir()
+            output = open(folder / "tune.log", "w")  # noqa: SIM115 - closed below
+            logs.append(output)
+            processes.append(
+                subprocess.Popen(
+                    command, cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT
+                )
+            )
+        codes = [process.wait() for process in processes]
+    for output in logs:
+        output.close()
+    if any(codes):
+        text = "\n".join((root / f"{label}-{i}" / "tune.log").read_text() for i in range(workers))
+        raise RuntimeError(f"{label}: workers exited {codes}:\n{text[-4000:]}")
+    complete = check_invariants(label, len(params), tracking_uri, storage_url)
+    return StudyTiming(label, workers, watch.seconds, complete)
+
+
+def check_invariants(label: str, trials: int, tracking_uri: str, storage_url: str) -> int:
+    """What the issue's 'done when' promises, read back from the stores: exactly `trials`
+    COMPLETE trials, one FINISHED parent, one version per trial run, nothing RUNNING."""
+    import optuna
+    from mlflow import MlflowClient
+
+    study = optuna.load_study(study_name=f"bench-{label}", storage=storage_url)
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    if states != ["COMPLETE"] * trials:
+        raise RuntimeError(f"{label}: trial states {states}, expected {trials} COMPLETE")
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(f"bench-{label}")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    statuses = sorted(r.info.status for r in runs)
+    if statuses != ["FINISHED"] * (trials + 1):
+        raise RuntimeError(f"{label}: run statuses {statuses}")
+    versions = client.search_model_versions(f"name = 'bench-{label}'")
+    if len(versions) != trials:
+        raise RuntimeError(f"{label}: {len(versions)} versions for {trials} trials")
+    return trials
+
+
+def logged_trial_costs(context: Context, server_url: str, repeats: int) -> dict[str, list]:
+    """Seconds of one train_and_track (quick.yaml's training settings) against each store,
+    alternating, and the seconds spent outside fit."""
+    from mnist_track import tracking
+    from mnist_track.config import load_study_config
+    from mnist_track.runs import train_and_track
+
+    train = load_study_config(CONFIG, {}).train
+    splits = context.splits(
+        val_size=train.val_size, split_seed=train.split_seed, train_limit=train.train_limit
+    )
+    totals: dict[str, list] = {"sqlite": [], "server": []}
+    outside_fit: dict[str, list] = {"sqlite": [], "server": []}
+    with temp_store("bench-team-") as store:
+        targets = {"sqlite": store.uri, "server": server_url}
+        for uri in targets.values():  # warm-up: first runs pay lazy imports and connections
+            tracking.use_tracking_uri(uri)
+            train_and_track(train, splits, experiment="bench-trial", registered_model="bench")
+        for index in range(repeats):
+            for name, uri in targets.items():
+                log(f"team: one logged trial against {name} ({index + 1}/{repeats})")
+                tracking.use_tracking_uri(uri)
+                with Stopwatch() as watch:
+                    outcome = train_and_track(
+                        train, splits, experiment="bench-trial", registered_model="bench"
+                    )
+                totals[name].append(watch.seconds)
+                outside_fit[name].append(watch.seconds - outcome.fit.seconds)
+        tracking.use_tracking_uri(store.uri)
+    return {"total": totals, "outside_fit": outside_fit}
+
+
+def run(context: Context) -> list[Figure]:
+    postgres, tracking_server = test_helpers()
+    trials = QUICK_TRIALS if context.quick else TRIALS
+    params = fixed_trials(trials)
+    log("team: warming up MLflow (one tiny tracked run)")
+    warm_up_mlflow(context)
+    with ExitStack() as stack:
+        log("team: starting PostgreSQL and mlflow server")
+        postgres_url = stack.enter_context(postgres.postgres_cluster())
+        server = stack.enter_context(tracking_server.running_tracking_server(postgres_url))
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-team-")))
+        sqlite_folder = root / "embedded"
+        sqlite_folder.mkdir()
+        embedded = (
+            f"sqlite:///{sqlite_folder / 'mlflow.db'}",
+            f"sqlite:///{sqlite_folder / 'optuna.db'}",
+        )
+        remote = (server.url, server.storage_url)
+        timings = {}
+        for label, workers, (uri, storage) in (
+            ("embedded-1", 1, embedded),
+            ("server-1", 1, remote),
+            ("server-2", 2, remote),
+        ):
+            log(f"team: {trials} trials, {label} ({workers} worker(s))")
+            timings[label] = run_workers(label, workers, params, uri, storage, root)
+        repeats = QUICK_TRIAL_REPEATS if context.quick else TRIAL_REPEATS
+        costs = logged_trial_costs(context, server.url, repeats)
+    return figures(context, timings, costs, trials, repeats)
+
+
+def figures(context, timings, costs, trials: int, repeats: int) -> list[Figure]:
+    one, two, local = timings["server-1"], timings["server-2"], timings["embedded-1"]
+    total = {name: statistics.median(values) for name, values in costs["total"].items()}
+    outside = {name: statistics.median(values) for name, values in costs["outside_fit"].items()}
+    how = f"median of {repeats}" if repeats > 1 else "one run each"
+    work = (
+        f"{trials} trials of {CONFIG.name} (pruning off, the same {trials} parameter sets "
+        f"enqueued in each), spawn to exit of `mnist-track tune` processes"
+    )
+    return [
+        Figure(
+            NAME,
+            "trials per minute, 2 workers vs 1 (tracking server)",
+            two.per_minute,
+            "trials/min",
+            reference=f"1 worker ({CORES} threads)",
+            reference_value=one.per_minute,
+            reference_unit="trials/min",
+            ratio=two.per_minute / one.per_minute,
+            ratio_of="2 workers / 1 worker",
+            target=("ratio", ">=", 1.3),
+            estimate=context.quick,
+            note=(
+                f"{work}; 2 workers with {max(CORES // 2, 1)} thread(s) each: "
+                f"{two.seconds:.1f} s vs {one.seconds:.1f} s"
+            ),
+        ),
+        Figure(
+            NAME,
+            "trials per minute, 1 worker: tracking server vs embedded SQLite",
+            one.per_minute,
+            "trials/min",
+            reference="1 worker on the embedded default",
+            reference_value=local.per_minute,
+            reference_unit="trials/min",
+            ratio=one.per_minute / local.per_minute,
+            ratio_of="server / embedded",
+            estimate=context.quick,
+            note=f"{work}: {one.seconds:.1f} s vs {local.seconds:.1f} s",
+        ),
+        Figure(
+            NAME,
+            "one logged trial against the tracking server",
+            total["server"],
+            "s",
+            reference="the same trial logged to SQLite",
+            reference_value=total["sqlite"],
+            reference_unit="s",
+            ratio=total["server"] / total["sqlite"],
+            ratio_of="server / SQLite",
+            target=("ratio", "<=", 1.2),
+            estimate=context.quick,
+            note=(
+                f"{how}, alternating; train_and_track in-process with quick.yaml's training "
+                "settings (10,000 images, 3 epochs), model logged and registered"
+            ),
+        ),
+        Figure(
+            NAME,
+            "tracking work of one trial (outside fit) against the tracking server",
+            outside["server"],
+            "s",
+            reference="the same against SQLite",
+            reference_value=outside["sqlite"],
+            reference_unit="s",
+            ratio=outside["server"] / outside["sqlite"],
+            ratio_of="server / SQLite",
+            estimate=context.quick,
+            note=(
+                f"{how}: wall time of train_and_track less fit's own seconds (run, params, "
+                "metrics, test evaluation, figures, model upload, registration, champion)"
+            ),
+        ),
+    ]
