@@ -116,7 +116,6 @@ def train_and_track(
         result = fit(config, splits, on_epoch=log_epoch)
         logits = predict_logits(result.model, splits.test.images)
         report = classification_report(logits, splits.test.labels)
-        log.log_metrics(final_metrics(result, report))
         figures = figure_data(result, report, splits, logits)
         drawing = plots.render_async(figures)
         model_uri = tracking.log_model(
@@ -124,6 +123,7 @@ def train_and_track(
             architecture_of(config),
             example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
         )
+        log.log_metrics(final_metrics(result, report), model_uri=model_uri)
         fault_point("after_model_logging")
         log.log_pngs(drawing.pngs(), "plots")
         _insist(still_wanted)

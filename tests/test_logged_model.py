@@ -1,0 +1,92 @@
+"""What one tracked run leaves behind: a logged model that carries only the modules the
+served model imports (and still loads and predicts from them alone), with the run's final
+test metrics linked to it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from mnist_track import tracking
+from mnist_track.config import TrainConfig
+from mnist_track.runs import to_pixels, train_and_track
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory, small_splits):
+    """One tiny tracked run in a SQLite store of its own: (tracking URI, outcome)."""
+    folder = tmp_path_factory.mktemp("logged")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        outcome = train_and_track(
+            TrainConfig(epochs=1, hidden_sizes=(32,)),
+            small_splits,
+            experiment="logged-model",
+            registered_model="logged-model",
+        )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return uri, outcome
+
+
+def model_id_of(uri: str, run_id: str) -> str:
+    [model] = MlflowClient(uri).search_logged_models(
+        experiment_ids=[MlflowClient(uri).get_run(run_id).info.experiment_id]
+    )
+    return model.model_id
+
+
+def test_the_model_carries_only_the_served_modules(logged):
+    uri, outcome = logged
+    model_id = model_id_of(uri, outcome.run_id)
+    mlflow.set_tracking_uri(uri)
+    files = {
+        item.path.rsplit("/", 1)[-1]
+        for item in MlflowClient(uri).list_logged_model_artifacts(model_id, "code/mnist_track")
+    }
+    assert files == set(tracking.SERVED_MODULES)  # no __pycache__, no CLI, no tuner
+
+
+def test_the_served_modules_are_enough_to_load_and_predict(logged, small_splits, tmp_path):
+    """In a fresh interpreter that cannot import the installed package: the model's own
+    code/ folder must hold everything its loader imports."""
+    uri, outcome = logged
+    model_id = model_id_of(uri, outcome.run_id)
+    pixels = to_pixels(small_splits.test.images[:4]).reshape(4, -1).astype(np.float32)
+    np.save(tmp_path / "pixels.npy", pixels)
+    script = (
+        "import sys\n"
+        # Only the interpreter's own paths and site-packages; the editable install's
+        # finder is dropped too, so the package can come from the model's code/ alone.
+        "sys.path = [p for p in sys.path if 'site-packages' in p or 'lib/python' in p]\n"
+        "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f)]\n"
+        "import mlflow, numpy as np\n"
+        f"mlflow.set_tracking_uri({uri!r})\n"
+        f"model = mlflow.pyfunc.load_model('models:/{model_id}')\n"
+        "import mnist_track\n"
+        "print(mnist_track.__file__)\n"
+        f"print(list(model.predict(np.load({str(tmp_path / 'pixels.npy')!r}))['digit']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded_from, digits = result.stdout.strip().splitlines()[-2:]
+    assert "/code/mnist_track/" in loaded_from, loaded_from
+    assert len(eval(digits)) == 4  # noqa: S307 - a list of ints printed by the child
+
+
+def test_the_final_test_metrics_are_linked_to_the_logged_model(logged):
+    uri, outcome = logged
+    model = MlflowClient(uri).get_logged_model(model_id_of(uri, outcome.run_id))
+    linked = {metric.key: metric.value for metric in model.metrics or []}
+    assert linked["test/accuracy"] == pytest.approx(outcome.test.accuracy)
+    run = MlflowClient(uri).get_run(outcome.run_id)
+    assert run.data.metrics["test/accuracy"] == pytest.approx(outcome.test.accuracy)
