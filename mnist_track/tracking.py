@@ -403,12 +403,34 @@ def register_version(model_uri: str, name: str, run_id: str, tags: Mapping[str, 
     the same call so no reader ever sees a version without its validation accuracy and
     split. (Not `mlflow.register_model`, which prints to stderr on every call.)"""
     client = MlflowClient()
+    if (mlflow.get_registry_uri(), name) not in _REGISTERED_MODELS:
+        _ensure_registered_model(client, name)
+    try:
+        version = _create_version(client, name, model_uri, run_id, tags)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        _ensure_registered_model(client, name)  # deleted since this process saw it
+        version = _create_version(client, name, model_uri, run_id, tags)
+    return str(version.version)
+
+
+# (registry URI, name) of registered models this process knows exist: one round trip
+# less per trial against a tracking server.
+_REGISTERED_MODELS: set[tuple[str, str]] = set()
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
         client.create_registered_model(name)
     except MlflowException as error:
         if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    version = client.create_model_version(
+    _REGISTERED_MODELS.add((mlflow.get_registry_uri(), name))
+
+
+def _create_version(client: MlflowClient, name: str, model_uri: str, run_id: str, tags):
+    return client.create_model_version(
         name,
         source=model_uri,
         run_id=run_id,
@@ -416,7 +438,6 @@ def register_version(model_uri: str, name: str, run_id: str, tags: Mapping[str, 
         await_creation_for=0,
         model_id=model_uri.removeprefix("models:/"),
     )
-    return str(version.version)
 
 
 def delete_version(name: str, version: str) -> None:

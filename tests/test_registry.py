@@ -265,3 +265,12 @@ def test_the_module_talks_to_the_store_of_the_fixture(store, tracking_uri):
     # Guard for the fixtures above: the copied template is the store in use.
     assert tracking.mlflow.get_tracking_uri() == tracking_uri
     assert store.search_experiments(filter_string="name = 'Default'")
+
+
+def test_a_registered_model_deleted_meanwhile_is_created_again(store, version):
+    first, _ = version(0.9)
+    store.delete_registered_model(MODEL)  # e.g. by someone in the UI
+    again, _ = version(0.8)
+    assert again == "1"
+    assert [str(v.version) for v in versions_of(MODEL)] == ["1"]
+    assert first == "1"
