@@ -199,7 +199,7 @@ def train(
             registered_model=registered_model if register else None,
             on_epoch=EpochProgress(config.epochs, quiet),
         )
-        click.echo(run_summary(outcome, registered_model))
+        click.echo(run_summary(outcome, registered_model, tracking.run_url(outcome.run_id)))
 
 
 def _device(name: str, threads: int | None = None):
@@ -336,7 +336,8 @@ def tune(
                 "paused or cut off; it runs again with the same parameters"
             ),
         )
-        click.echo(study_summary(result, study_config.registered_model))
+        parent_url = tracking.run_url(result.parent_run_id)
+        click.echo(study_summary(result, study_config.registered_model, parent_url))
 
 
 def _storage_url(storage: str | None, tracking_uri: str) -> str:

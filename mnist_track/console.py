@@ -31,9 +31,9 @@ class EpochProgress:
         )
 
 
-def run_summary(outcome, registered_model: str | None) -> str:
+def run_summary(outcome, registered_model: str | None, url: str | None = None) -> str:
     lines = [
-        f"run {outcome.run_id}",
+        f"run {outcome.run_id}" + (f"  {url}" if url else ""),
         f"  validation accuracy {outcome.validation_accuracy:.4f}",
         f"  test accuracy       {outcome.test.accuracy:.4f}  (macro-F1 {outcome.test.macro_f1:.4f},"
         f" loss {outcome.test.loss:.4f})",
@@ -71,7 +71,7 @@ def _short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def study_summary(result, registered_model: str) -> str:
+def study_summary(result, registered_model: str, parent_url: str | None = None) -> str:
     from mnist_track.redact import redact_url
 
     counts = result.counts()
@@ -81,6 +81,8 @@ def study_summary(result, registered_model: str) -> str:
         f"storage {redact_url(result.storage_url)})",
         f"  parent run {result.parent_run_id} ({_parent_state(result.parent_status)})",
     ]
+    if parent_url:
+        lines.append(f"    {parent_url}")
     if result.reconciled:
         lines.append(f"  reconciled: {reconciled_line(result.reconciled)}")
     if result.abandoned:

@@ -35,6 +35,9 @@ from mnist_track.redact import redact_text, redact_url
 
 # Artifact transfers are local and fast; their progress bars only clutter the output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow prints two "View run/experiment at" lines per run against a tracking server;
+# in a study that is two per trial. Summaries give the one link that matters (`run_url`).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 CHAMPION_ALIAS = "champion"
 LAUNCHER_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the entry point's process
@@ -233,6 +236,16 @@ def git_commit(cwd: str | Path = ".") -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() or None
+
+
+def run_url(run_id: str) -> str | None:
+    """The run's page in the MLflow UI of a tracking server (password masked), or None
+    for a local store."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+    return f"{redact_url(uri.rstrip('/'))}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def run_log(run_id: str) -> RunLog:

@@ -208,6 +208,11 @@ def test_two_workers_share_a_study_through_the_tracking_server(tracking_server, 
     outputs = [output_of(folder, "tune") for folder in folders]
     assert all(" COMPLETE " in out for out in outputs), outputs
     assert sum("(FINISHED)" in out for out in outputs) >= 1
+    # One link to the parent run in the server's UI, not MLflow's two lines per trial.
+    parent_id = stores.study("pair").user_attrs["mlflow_parent_run_id"]
+    assert all(f"{tracking_server.url}/#/experiments/" in out for out in outputs)
+    assert all(f"/runs/{parent_id}" in out for out in outputs)
+    assert not [out for out in outputs if "View run" in out]
     # Artifacts went through the server into its artifact store, not a local folder.
     run_id = trials[0].user_attrs[RUN_ID_ATTR]
     plots = {a.path for a in stores.client.list_artifacts(run_id, "plots")}
