@@ -102,9 +102,10 @@ def train_and_track(
     with tracking.start_run(
         experiment, run_name, tags=tags, parent_run_id=parent_run_id, killed_on=killed_on
     ) as log:
+        # Before the trial records the run's id: reconciliation must find it by its tags.
+        fault_point("after_run_creation")
         if on_start is not None:
             on_start(log.run_id)
-        fault_point("after_run_creation")
         log.log_params(config.to_params())
 
         def log_epoch(epoch: EpochMetrics) -> None:

@@ -191,15 +191,19 @@ def start_run(
         experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
     elif run_id is None:
         experiment_id = ensure_experiment(experiment)
+    # A new run gets its tags in the call that creates it: a process killed right after
+    # still leaves a run that reconciliation can find by its study and trial tags.
+    creation_tags = {k: str(v) for k, v in (tags or {}).items()} if run_id is None else None
     active = mlflow.start_run(
         run_id=run_id,
         experiment_id=experiment_id,
         run_name=run_name if run_id is None else None,
         nested=parent_run_id is not None,
         parent_run_id=parent_run_id,
+        tags=creation_tags,
     )
     log = RunLog(active.info.run_id, MlflowClient(), adopted=adopted)
-    if tags:
+    if tags and creation_tags is None:
         log.set_tags(tags)
     try:
         yield log
