@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
 import shutil
 import subprocess
 import tempfile
@@ -44,6 +45,9 @@ LAUNCHER_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the entry point's 
 MODEL_NAME_IN_RUN = "model"
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_CODE = PACKAGE_DIR / "model_code.py"
+# The model's data files, under its artifacts/ folder (`model_files` reads them back).
+WEIGHTS_FILE = "model.safetensors"
+ARCHITECTURE_FILE = "architecture.json"
 # What the served model imports: only these go into its code/ folder (each file is one
 # upload to a tracking server, and the rest of the package is not the model's business).
 SERVED_MODULES = ("__init__.py", "data.py", "models.py", "serving.py", "model_code.py")
@@ -390,8 +394,8 @@ def log_model(
         code.mkdir(parents=True)
         for module in SERVED_MODULES:
             shutil.copy2(PACKAGE_DIR / module, code / module)
-        weights_path = Path(folder) / "model.safetensors"
-        architecture_path = Path(folder) / "architecture.json"
+        weights_path = Path(folder) / WEIGHTS_FILE
+        architecture_path = Path(folder) / ARCHITECTURE_FILE
         save_file(
             {key: value.detach().cpu().contiguous() for key, value in state_dict.items()},
             str(weights_path),
@@ -566,5 +570,29 @@ def _why_not_compared(candidate: str | None, versions: list, reference: str) -> 
 
 
 def load_model(model_uri: str):
-    """A logged model as a pyfunc model (weights and code, no pickle)."""
+    """A logged model as a pyfunc model (weights and code, no pickle). This runs the code
+    shipped in the model: only for models we trust (`model_files` reads any model safely)."""
     return mlflow.pyfunc.load_model(model_uri)
+
+
+class ModelArtifacts:
+    """The files of one model at any model URI (models:/NAME/3, models:/NAME@alias,
+    models:/ID, runs:/ID/model, a path), listed and downloaded one by one, never loaded.
+    The URI is resolved once, so an alias that moves meanwhile cannot mix two versions."""
+
+    def __init__(self, model_uri: str) -> None:
+        from mlflow.tracking.artifact_utils import get_artifact_repository
+
+        self._repo = get_artifact_repository(model_uri)
+
+    def files(self, folder: str = "") -> dict[str, int | None]:
+        """Name -> size in bytes (None where the store does not say) of each file directly
+        under `folder`; sub-folders are left out."""
+        return {
+            posixpath.basename(item.path): item.file_size
+            for item in self._repo.list_artifacts(folder)
+            if not item.is_dir
+        }
+
+    def download(self, path: str, folder: str | Path) -> Path:
+        return Path(self._repo.download_artifacts(path, str(folder)))
