@@ -4,6 +4,7 @@ test metrics linked to it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -22,8 +23,9 @@ def logged(tmp_path_factory, small_splits):
     """One tiny tracked run in a SQLite store of its own: (tracking URI, outcome)."""
     folder = tmp_path_factory.mktemp("logged")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
+    previous, cwd = mlflow.get_tracking_uri(), os.getcwd()
     mlflow.set_tracking_uri(uri)
+    os.chdir(folder)  # a SQLite store keeps artifacts in ./mlruns
     try:
         outcome = train_and_track(
             TrainConfig(epochs=1, hidden_sizes=(32,)),
@@ -33,6 +35,7 @@ def logged(tmp_path_factory, small_splits):
         )
     finally:
         mlflow.set_tracking_uri(previous)
+        os.chdir(cwd)
     return uri, outcome
 
 
