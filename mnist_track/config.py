@@ -7,16 +7,21 @@ MLflow or Optuna, so configs can be checked before anything heavy starts.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mnist_track.errors import MnistTrackError
+
 PositiveInt = Annotated[int, Field(gt=0)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+TorchSeed = Annotated[int, Field(ge=-(2**63), lt=2**64)]  # what torch.manual_seed takes
 
 
-class ConfigError(ValueError):
+class ConfigError(MnistTrackError, ValueError):
     """A config file or option that cannot be used; the message names file and key."""
 
 
@@ -32,14 +37,14 @@ class TrainConfig(_Frozen):
     channels: tuple[PositiveInt, ...] = (16, 32)  # CNN conv blocks; wider ones cost 3x more time
     dropout: float = Field(0.2, ge=0.0, lt=1.0)  # classic MLP recipe
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0.0)  # Adam's usual default works well on MNIST
+    lr: float = Field(1e-3, gt=0.0, allow_inf_nan=False)  # Adam's default works well on MNIST
     # Cosine decay to zero over the run: +0.2-0.3 points of test accuracy at no cost.
     lr_schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     batch_size: PositiveInt = 128  # good accuracy per second on a 2-core CPU
     epochs: PositiveInt = 10
-    seed: int = 0  # initialization, dropout and shuffling: same seed, same device, same weights
+    seed: TorchSeed = 0  # initialization, dropout, shuffling: same seed and device, same weights
     val_size: PositiveInt = 5000  # carved from the 60k training set
-    split_seed: int = 0  # kept apart from `seed` so every trial of a study shares one split
+    split_seed: TorchSeed = 0  # kept apart from `seed` so every trial of a study shares one split
     train_limit: PositiveInt | None = None  # use only this many training images (smoke runs)
     test_limit: PositiveInt | None = None  # evaluate on only this many test images
     device: str = "auto"  # auto: CUDA, then MPS, then CPU
@@ -70,13 +75,15 @@ class IntParam(_Frozen):
     @model_validator(mode="after")
     def _non_empty(self) -> IntParam:
         _check_range(self.low, self.high, self.log)
+        if self.log and self.step != 1:
+            raise ValueError("a log range takes no step (Optuna samples it continuously)")
         return self
 
 
 class FloatParam(_Frozen):
     type: Literal["float"]
-    low: float
-    high: float
+    low: FiniteFloat
+    high: FiniteFloat
     log: bool = False
 
     @model_validator(mode="after")
@@ -113,7 +120,8 @@ COUNT_KEYS = ("hidden_layers", "conv_layers")
 
 class SamplerConfig(_Frozen):
     type: Literal["tpe", "random"] = "tpe"
-    seed: int | None = 0  # seeded by default so studies are repeatable
+    # Seeded by default so studies are repeatable; Optuna's samplers take 0..2**32-1.
+    seed: Annotated[int, Field(ge=0, lt=2**32)] | None = 0
     n_startup_trials: PositiveInt = 5  # random trials before TPE starts modelling
 
 
@@ -149,6 +157,7 @@ class StudyConfig(_Frozen):
                 raise ValueError(f"search_space.{key}: unknown parameter; searchable: {searchable}")
             if key in COUNT_KEYS and isinstance(spec, IntParam) and spec.low < 1:
                 raise ValueError(f"search_space.{key}: a layer count needs low >= 1")
+            _check_domain(key, spec, self.train)
         if self.n_trials is None and self.timeout is None:
             raise ValueError("set n_trials, timeout or both, or the study never ends")
         if self.grace_period <= self.heartbeat_interval:
@@ -158,6 +167,44 @@ class StudyConfig(_Frozen):
                 f"({self.heartbeat_interval})"
             )
         return self
+
+
+def _check_domain(key: str, spec: IntParam | FloatParam | CategoricalParam, base: TrainConfig):
+    """Every value the sampler can draw for `key` must make a valid TrainConfig, or every
+    trial fails on its own: the bounds, and a value just above the low one (an integer
+    setting cannot take a float range), or each choice."""
+    if isinstance(spec, CategoricalParam):
+        samples = [("choices", choice) for choice in spec.choices]
+    else:
+        samples = [("low", spec.low), ("high", spec.high)]
+        if isinstance(spec, FloatParam) and spec.low < spec.high:
+            samples.append(("", math.nextafter(spec.low, spec.high)))
+    for where, value in samples:
+        problem = _train_problem(key, value, base)
+        if problem is None:
+            continue
+        if where:
+            raise ValueError(f"search_space.{key}.{where}: {value!r} {problem}")
+        raise ValueError(
+            f"search_space.{key}: a float range draws values such as {value!r}, which "
+            f"{problem}; use type int or categorical"
+        )
+
+
+def _train_problem(key: str, value: Any, base: TrainConfig) -> str | None:
+    """Why a TrainConfig cannot take `value` for search key `key`; None if it can."""
+    if key in COUNT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return "is not a layer count (a whole number >= 1)"
+        return None
+    field = LAYER_SEARCH_KEYS.get(key, key)
+    setting = (value,) if key in LAYER_SEARCH_KEYS else value
+    try:
+        TrainConfig.model_validate(base.model_dump() | {field: setting})
+    except ValidationError as error:
+        reason = "; ".join(problem["msg"] for problem in error.errors())
+        return f"is not a valid {field}: {reason}"
+    return None
 
 
 def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -183,9 +230,14 @@ def load_study_config(path: str | Path, overrides: dict[str, Any]) -> StudyConfi
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise ConfigError(f"{path}: cannot read config: {error.strerror}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start}): save it as UTF-8"
+        ) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
     if data is None:

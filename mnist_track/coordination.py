@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mnist_track.errors import MnistTrackError
+
 LOCK_TIMEOUT_SECONDS = 300.0
 LOCK_POLL_SECONDS = 0.05
 LEASE_PREFIX = "mnist_track.worker."
@@ -28,7 +30,7 @@ LEASE_PREFIX = "mnist_track.worker."
 log = logging.getLogger(__name__)
 
 
-class LockTimeout(RuntimeError):
+class LockTimeout(MnistTrackError, RuntimeError):
     """Another worker held the study lock for longer than anyone should."""
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mnist_track.errors import MnistTrackError
+
 DATA_DIR_ENV = "MNIST_TRACK_DATA"
 DEFAULT_DATA_DIR = "data"
 
@@ -29,13 +31,22 @@ MNIST_FILES = {
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 TRAIN_SIZE = 60000
+# Decompressed size of each file (header + records): a file that inflates to more is
+# refused as soon as it passes this, so a gzip bomb never fills memory.
+MNIST_SIZES = {
+    "train-images-idx3-ubyte": 16 + 60000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60000,
+    "t10k-images-idx3-ubyte": 16 + 10000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10000,
+}
+READ_CHUNK = 1 << 20
 
 # Mean and standard deviation of the training pixels scaled to 0..1.
 PIXEL_MEAN = 0.1307
 PIXEL_STD = 0.3081
 
 
-class DataError(RuntimeError):
+class DataError(MnistTrackError, RuntimeError):
     """The MNIST files are missing, unreadable or not what they claim to be."""
 
 
@@ -134,11 +145,17 @@ def _download(data_dir: Path, stems: list[str]) -> None:
                 continue
 
 
-def read_idx(path: Path, expected_sha256: str) -> np.ndarray:
-    """An IDX file (gzip or plain) as a uint8 array, after checking its content hash."""
+def read_idx(path: Path, expected_sha256: str, max_size: int | None = None) -> np.ndarray:
+    """An IDX file (gzip or plain) as a uint8 array, after checking its content hash.
+    The content is read (and decompressed) in chunks, and refused as soon as it passes
+    `max_size` bytes (by default the size of the MNIST file with that hash)."""
+    if max_size is None:
+        max_size = next(
+            (MNIST_SIZES[stem] for stem, sha in MNIST_FILES.items() if sha == expected_sha256),
+            None,
+        )
     try:
-        raw = path.read_bytes()
-        content = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        content = _read_bounded(path, max_size)
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise DataError(
             f"{path}: cannot be read or decompressed ({error}); it is "
@@ -154,14 +171,46 @@ def read_idx(path: Path, expected_sha256: str) -> np.ndarray:
     return _parse_idx(content, path)
 
 
-def _parse_idx(content: bytes, path: Path) -> np.ndarray:
+def _read_bounded(path: Path, max_size: int | None) -> bytearray:
+    """The file's content, decompressed if it is gzip, read in chunks into one buffer;
+    DataError as soon as it passes `max_size` bytes (None: no bound)."""
+    with path.open("rb") as file:
+        compressed = file.read(2) == b"\x1f\x8b"
+    if max_size is None:
+        return bytearray(gzip.decompress(path.read_bytes()) if compressed else path.read_bytes())
+    if not compressed and path.stat().st_size > max_size:
+        raise _too_large(path, max_size)
+    # One byte of room past the bound, so reading it shows the file is too large.
+    content = bytearray(max_size + 1)
+    size = 0
+    with (gzip.open if compressed else open)(path, "rb") as stream, memoryview(content) as view:
+        while size <= max_size:
+            read = stream.readinto(view[size : size + READ_CHUNK])
+            if not read:
+                break
+            size += read
+    if size > max_size:
+        raise _too_large(path, max_size)
+    del content[size:]
+    return content
+
+
+def _too_large(path: Path, max_size: int) -> DataError:
+    return DataError(
+        f"{path}: holds more than the {max_size:,} bytes of the MNIST file it is named "
+        "for (read stopped there); it is corrupt or not this MNIST file: delete it and "
+        "fetch it again"
+    )
+
+
+def _parse_idx(content: bytearray, path: Path) -> np.ndarray:
     if len(content) < 4 or content[:2] != b"\x00\x00" or content[2] != 0x08:
         raise DataError(f"{path}: not an IDX file of unsigned bytes")
     n_dims = content[3]
     header_end = 4 + 4 * n_dims
     dims = tuple(int(d) for d in np.frombuffer(content[4:header_end], dtype=">u4"))
-    # A writable copy, so torch.from_numpy can share it without a warning.
-    data = np.frombuffer(bytearray(content), dtype=np.uint8, offset=header_end)
+    # Writable (a bytearray), so torch.from_numpy can share it without a warning.
+    data = np.frombuffer(content, dtype=np.uint8, offset=header_end)
     if data.size != int(np.prod(dims)):
         raise DataError(f"{path}: header promises shape {dims} but holds {data.size} bytes")
     return data.reshape(dims)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +33,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
 from mnist_track.coordination import creating_store
+from mnist_track.errors import MnistTrackError
 from mnist_track.redact import redact_text, redact_url
 
 # Artifact transfers are local and fast; their progress bars only clutter the output.
@@ -50,27 +52,54 @@ WEIGHTS_FILE = "model.safetensors"
 ARCHITECTURE_FILE = "architecture.json"
 # What the served model imports: only these go into its code/ folder (each file is one
 # upload to a tracking server, and the rest of the package is not the model's business).
-SERVED_MODULES = ("__init__.py", "data.py", "models.py", "serving.py", "model_code.py")
+SERVED_MODULES = (
+    "__init__.py",
+    "errors.py",
+    "data.py",
+    "models.py",
+    "serving.py",
+    "model_code.py",
+)
 ERROR_TAG = "error"
 VALIDATION_ACCURACY_TAG = "validation_accuracy"
 # Versions are comparable only when scored on the same validation images: a version
 # validated on 1 image must not hold `champion` over one validated on 5,000.
 VALIDATION_SPLIT_TAG = "validation_split"
 CHAMPION_ATTEMPTS = 5  # re-decisions when other workers keep registering meanwhile
+# The first request to a tracking server: one try, a short wait. A wrong URI then fails
+# in seconds, not after MLflow's retries with back-off (minutes); once it has answered,
+# later requests keep those retries for passing failures.
+PROBE_TIMEOUT_SECONDS = 5
 
 
-class TrackingError(RuntimeError):
+class TrackingError(MnistTrackError, RuntimeError):
     """The tracking store or registry cannot do what was asked."""
 
 
-def use_tracking_uri(uri: str | None) -> str:
-    """Point MLflow at `uri` (else $MLFLOW_TRACKING_URI, else MLflow's default) and
-    check the store answers, so a bad URI fails before any training."""
+def resolve_tracking_uri(uri: str | None) -> str:
+    """Point MLflow at `uri` (else $MLFLOW_TRACKING_URI, else MLflow's default) without
+    opening the store."""
     if uri:
         mlflow.set_tracking_uri(uri)
-    resolved = mlflow.get_tracking_uri()
+    return mlflow.get_tracking_uri()
+
+
+def use_tracking_uri(uri: str | None, *, create: bool = True) -> str:
+    """Point MLflow at `uri` (else $MLFLOW_TRACKING_URI, else MLflow's default) and
+    check the store answers, so a bad URI fails before any training. A local store that
+    does not exist is created, unless `create` is False (commands that only read or
+    change what is there): then it is an error, and nothing is left behind."""
+    resolved = resolve_tracking_uri(uri)
+    if not create:
+        missing = missing_local_store(resolved)
+        if missing is not None:
+            raise TrackingError(
+                f"no MLflow tracking store at {missing} (MLFLOW_TRACKING_URI / "
+                f"--tracking-uri is {redact_url(resolved)!r}; nothing has been tracked there)"
+            )
     try:
-        with creating_store(resolved):  # the first call creates and migrates a new store
+        with creating_store(resolved), _one_quick_try(resolved):
+            # The first call creates and migrates a new store.
             MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any store failure is reported the same way
         raise TrackingError(
@@ -78,6 +107,51 @@ def use_tracking_uri(uri: str | None) -> str:
             + redact_text(str(error), resolved)
         ) from None
     return resolved
+
+
+def missing_local_store(uri: str) -> str | None:
+    """The path of a local store (an SQLite file, a folder) that does not exist; None
+    when it exists or the store is not local."""
+    if not is_local_store(uri):
+        return None
+    if uri.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(uri).database
+        if not database or database == ":memory:":
+            return None
+        path = Path(database)
+    elif uri.startswith("file:"):
+        from urllib.parse import urlsplit
+        from urllib.request import url2pathname
+
+        path = Path(url2pathname(urlsplit(uri).path))
+    else:
+        path = Path(uri)
+    return None if path.exists() else str(path)
+
+
+@contextmanager
+def _one_quick_try(uri: str) -> Iterator[None]:
+    """For a tracking server: the requests inside make one try each, with a short wait
+    (MLflow reads these settings on every request)."""
+    if not uri.startswith(("http://", "https://")):
+        yield
+        return
+    settings = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_SECONDS),
+    }
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # MLflow's URIs for hosted tracking that carry no "://" (e.g. "databricks").
@@ -300,9 +374,21 @@ def run_status(run_id: str) -> str | None:
     return run.info.status if run.info.lifecycle_stage == "active" else None
 
 
-def _quoted(value: Any) -> str:
-    """A string literal for MLflow's filter language (a quote inside is doubled)."""
-    return "'" + str(value).replace("'", "''") + "'"
+_UNQUOTABLE = re.compile(r"['\"\\]")  # characters no filter-string literal can hold
+
+
+def _equals(field: str, value: Any) -> str:
+    """A filter-string condition that `field` equals `value`, or a superset of it: the
+    caller keeps only exact matches. MLflow's parser takes a quoted value as it stands
+    (it strips the quotes and unescapes nothing), so the quote must be one the value does
+    not hold, and a backslash may escape the closing quote. A value no literal can hold
+    is matched with LIKE, its quotes and backslashes replaced by `_` (any one character)."""
+    text = str(value)
+    if "\\" not in text:
+        for quote in ("'", '"'):
+            if quote not in text:
+                return f"{field} = {quote}{text}{quote}"
+    return f"{field} LIKE '{_UNQUOTABLE.sub('_', text)}'"
 
 
 def runs_tagged(experiments: list[str], tags: Mapping[str, Any]) -> list:
@@ -311,7 +397,8 @@ def runs_tagged(experiments: list[str], tags: Mapping[str, Any]) -> list:
     ids = {found.experiment_id for name in experiments if (found := _experiment(client, name))}
     if not ids:
         return []
-    query = " and ".join(f"tags.`{key}` = {_quoted(value)}" for key, value in tags.items())
+    wanted = {key: str(value) for key, value in tags.items()}
+    query = " and ".join(_equals(f"tags.`{key}`", value) for key, value in wanted.items())
     runs, token = [], None
     while True:
         page = client.search_runs(sorted(ids), query, max_results=1000, page_token=token)
@@ -319,6 +406,7 @@ def runs_tagged(experiments: list[str], tags: Mapping[str, Any]) -> list:
         token = page.token
         if not token:
             break
+    runs = [run for run in runs if all(run.data.tags.get(k) == v for k, v in wanted.items())]
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
@@ -470,7 +558,7 @@ def delete_version(name: str, version: str) -> None:
 
 def versions_of(name: str, tags: Mapping[str, Any] | None = None) -> list:
     """Every version of a registered model (optionally only those with all `tags`)."""
-    query = f"name = {_quoted(name)}"
+    query = _equals("name", name)
     versions, token = [], None
     while True:
         page = MlflowClient().search_model_versions(query, max_results=1000, page_token=token)
@@ -479,7 +567,9 @@ def versions_of(name: str, tags: Mapping[str, Any] | None = None) -> list:
         if not token:
             break
     wanted = {k: str(v) for k, v in (tags or {}).items()}
-    return [v for v in versions if all(v.tags.get(k) == x for k, x in wanted.items())]
+    return [
+        v for v in versions if v.name == name and all(v.tags.get(k) == x for k, x in wanted.items())
+    ]
 
 
 def alias_version(name: str, alias: str = CHAMPION_ALIAS):

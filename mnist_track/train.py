@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_track.data import MnistSplits, Split
+from mnist_track.errors import MnistTrackError
 from mnist_track.models import build_model
 
 EVAL_BATCH_SIZE = 4096  # inference needs no small batches; large ones amortize overhead
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(MnistTrackError, RuntimeError):
     """The loss became NaN or infinite; the run cannot produce a useful model."""
 
 

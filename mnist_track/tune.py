@@ -42,6 +42,7 @@ from mnist_track.config import (
 )
 from mnist_track.coordination import WorkerLease, creating_store, study_lock
 from mnist_track.data import MnistSplits, validation_digest
+from mnist_track.errors import MnistTrackError
 from mnist_track.faults import fault_point
 from mnist_track.redact import redact_text, redact_url
 from mnist_track.runs import RunOutcome, TrialAbandoned, train_and_track
@@ -64,7 +65,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 
-class StudyError(RuntimeError):
+class StudyError(MnistTrackError, RuntimeError):
     """The study cannot start: bad storage, or a stored study that does not match."""
 
 
@@ -728,11 +729,25 @@ def _varied_params(trials: list[FrozenTrial]) -> bool:
     return any(len({repr(t.params.get(n)) for t in trials}) > 1 for n in names)
 
 
+def _sqlite_file(storage_url: str) -> str | None:
+    """The database file of an SQLite storage URL; None for other databases."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(storage_url)
+    except ArgumentError:
+        return None  # not a URL at all: Optuna says so
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return url.database
+
+
 def study_summaries(storage_url: str) -> list[dict[str, Any]]:
     """Name, trial counts by outcome and best value of every study in a storage (read
     only: a storage that does not exist is an error, not created)."""
-    database = storage_url.removeprefix("sqlite:///")
-    if database != storage_url and not Path(database).is_file():
+    database = _sqlite_file(storage_url)
+    if database is not None and not Path(database).is_file():
         raise StudyError(f"no Optuna storage at {database} (nothing has been tuned there yet)")
     try:
         storage = optuna.storages.RDBStorage(storage_url, skip_table_creation=True)

@@ -169,6 +169,25 @@ def test_unusable_yaml_names_the_file(tmp_path, content, fragment):
         assert str(path) in message and fragment in message
 
 
+def test_a_file_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("epochs: 2  # caf\u00e9\n".encode("latin-1"))
+    for loader in (load_train_config, load_study_config):
+        message = config_error(loader, path)
+        assert message.startswith(f"{path}: not UTF-8")
+        assert "0xe9" in message
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"lr": float("inf")}, {"lr": float("nan")}, {"seed": 2**64}, {"split_seed": -(2**63) - 1}],
+    ids=["lr-inf", "lr-nan", "seed-too-big", "split-seed-too-small"],
+)
+def test_train_config_rejects_values_torch_cannot_take(fields):
+    with pytest.raises(ValidationError):
+        TrainConfig(**fields)
+
+
 def test_missing_file_names_the_file(tmp_path):
     path = tmp_path / "absent.yaml"
     for loader in (load_train_config, load_study_config):
@@ -263,6 +282,72 @@ def test_bad_search_space_names_file_and_key(tmp_path, space, key, fragment):
     assert message.startswith(f"{path}: ")
     assert key in message
     assert fragment in message
+
+
+# Values a sampler would draw that no TrainConfig takes: every trial would fail.
+NAN, INF = float("nan"), float("inf")
+OUTSIDE_THE_DOMAIN = {
+    "optimizer-choice": (
+        {"optimizer": {"type": "categorical", "choices": ["adam", "rmsprop"]}},
+        "search_space.optimizer.choices: 'rmsprop' is not a valid optimizer",
+    ),
+    "epochs-low-0": (
+        {"epochs": {"type": "int", "low": 0, "high": 3}},
+        "search_space.epochs.low: 0 is not a valid epochs",
+    ),
+    "lr-nan": ({"lr": {"type": "float", "low": NAN, "high": 0.1}}, "search_space.lr.low"),
+    "lr-inf": ({"lr": {"type": "float", "low": 0.01, "high": INF}}, "search_space.lr.high"),
+    "int-nan": ({"epochs": {"type": "int", "low": NAN, "high": 3}}, "search_space.epochs.low"),
+    "dropout-high-1": (
+        {"dropout": {"type": "float", "low": 0.1, "high": 1.0}},
+        "search_space.dropout.high: 1.0 is not a valid dropout",
+    ),
+    "lr-choice-negative": (
+        {"lr": {"type": "categorical", "choices": [0.01, -0.01]}},
+        "search_space.lr.choices: -0.01 is not a valid lr",
+    ),
+    "batch-size-float-range": (
+        {"batch_size": {"type": "float", "low": 64, "high": 256}},
+        "search_space.batch_size: a float range",
+    ),
+    "units-low-0": (
+        {"hidden_units": {"type": "int", "low": 0, "high": 8}},
+        "search_space.hidden_units.low: 0 is not a valid hidden_sizes",
+    ),
+    "channels-choice-text": (
+        {"conv_channels": {"type": "categorical", "choices": [8, "wide"]}},
+        "search_space.conv_channels.choices: 'wide' is not a valid channels",
+    ),
+    "layers-choice-0": (
+        {"hidden_layers": {"type": "categorical", "choices": [0, 2]}},
+        "search_space.hidden_layers.choices: 0 is not a layer count",
+    ),
+    "layers-float": (
+        {"conv_layers": {"type": "float", "low": 1, "high": 3}},
+        "search_space.conv_layers.low: 1.0 is not a layer count",
+    ),
+    "log-with-step": (
+        {"epochs": {"type": "int", "low": 1, "high": 9, "step": 2, "log": True}},
+        "search_space.epochs: a log range takes no step",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("space", "expected"), OUTSIDE_THE_DOMAIN.values(), ids=OUTSIDE_THE_DOMAIN.keys()
+)
+def test_search_space_values_outside_train_config_are_named(tmp_path, space, expected):
+    path = tmp_path / "study.yaml"
+    # safe_dump writes .nan and .inf, as a user would.
+    path.write_text(yaml.safe_dump({"search_space": space}))
+    message = config_error(load_study_config, path)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+
+
+def test_sampler_seed_must_suit_optunas_samplers(tmp_path):
+    path = write_yaml(tmp_path, "study.yaml", {"sampler": {"seed": -1}, "search_space": LR_SPACE})
+    assert "sampler.seed" in config_error(load_study_config, path)
 
 
 def test_equal_bounds_are_a_valid_range(tmp_path):

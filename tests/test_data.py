@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -111,6 +112,60 @@ def test_truncated_plain_file_is_a_data_error(tmp_path, data_dir):
     truncated.write_bytes(content[:-10])
     with pytest.raises(DataError, match=str(truncated)):
         read_idx(truncated, MNIST_FILES[LABELS])
+
+
+def gzip_bomb(path: Path, megabytes: int) -> Path:
+    """A small .gz file (about 1 KB per MB) that inflates to `megabytes` MB of zeros."""
+    chunk = bytes(1 << 20)
+    with gzip.open(path, "wb") as stream:
+        for _ in range(megabytes):
+            stream.write(chunk)
+    return path
+
+
+def peak_memory_of(call) -> int:
+    """Peak bytes allocated by Python (zlib's output included) while `call` runs."""
+    tracemalloc.start()
+    try:
+        call()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_a_gzip_bomb_is_refused_before_it_fills_memory(tmp_path):
+    bomb = gzip_bomb(tmp_path / f"{LABELS}.gz", 64)
+    assert bomb.stat().st_size < 200_000
+
+    def read():
+        with pytest.raises(DataError) as caught:
+            read_idx(bomb, MNIST_FILES[LABELS])
+        message = str(caught.value)
+        assert str(bomb) in message
+        assert "more than the 10,008 bytes" in message
+
+    # Reading stops one chunk past the file's known size, not at the bomb's 64 MB.
+    assert peak_memory_of(read) < 4 << 20
+
+
+def test_an_oversized_plain_file_is_refused_unread(tmp_path):
+    oversized = tmp_path / LABELS
+    with oversized.open("wb") as file:
+        file.truncate(1 << 30)  # sparse: 1 GB on paper, nothing on disk
+
+    def read():
+        with pytest.raises(DataError, match="more than the 10,008 bytes"):
+            read_idx(oversized, MNIST_FILES[LABELS])
+
+    assert peak_memory_of(read) < 1 << 20
+
+
+def test_a_file_of_exactly_its_size_is_read(data_dir):
+    # The bound is the file's own size: the real files fit it exactly.
+    labels = read_idx(data_dir / f"{LABELS}.gz", MNIST_FILES[LABELS])
+    assert labels.shape == (data.MNIST_SIZES[LABELS] - 8,)
+    assert labels.flags.writeable
 
 
 def test_missing_files_without_download(tmp_path):

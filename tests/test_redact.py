@@ -164,3 +164,31 @@ def test_an_unencoded_special_character_does_not_leak_the_password(url):
     password = make_url(url).password
     assert password and password.startswith("pa")
     assert password not in redact_url(url)
+
+
+# --- secrets in the query of a URL nobody named ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            "cannot open sqlite:////tmp/o.db?timeout=2&password=hunter2: no such table",
+            "cannot open sqlite:////tmp/o.db?timeout=2&password=***: no such table",
+        ),
+        ("'http://h/api?token=ab:cd&x=1'", "'http://h/api?token=***&x=1'"),
+        ("(at postgresql://h/db?PWD=p.w.)", "(at postgresql://h/db?PWD=***)"),
+        (
+            "already masked: sqlite:///o.db?password=***.",
+            "already masked: sqlite:///o.db?password=***.",
+        ),
+    ],
+)
+def test_redact_text_masks_query_secrets_of_an_unnamed_url(message, expected):
+    assert redact_text(message) == expected
+
+
+def test_redact_url_keeps_an_absolute_sqlite_path():
+    # urlunsplit would turn sqlite:////abs into sqlite://abs: another database.
+    url = "sqlite:////srv/studies/optuna.db?timeout=30&password=hunter2"
+    assert redact_url(url) == "sqlite:////srv/studies/optuna.db?timeout=30&password=***"

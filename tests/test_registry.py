@@ -4,6 +4,7 @@ created with MlflowClient and versions point at cheap logged-model records."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -274,3 +275,59 @@ def test_a_registered_model_deleted_meanwhile_is_created_again(store, version):
     assert again == "1"
     assert [str(v.version) for v in versions_of(MODEL)] == ["1"]
     assert first == "1"
+
+
+# --- filter strings built from user values ---------------------------------------------
+
+# MLflow's filter parser strips a value's quotes and unescapes nothing, so each of these
+# needs its own treatment (the other quote, or LIKE and an exact check).
+AWKWARD = {
+    "single-quote": "bob's study",
+    "double-quote": 'say "hi"',
+    "both-quotes": "both ' and \"",
+    "backslash": "back\\slash",
+    "trailing-backslash": "ends in \\",
+    "like-wildcards": "100%_done",
+}
+
+
+def near_miss(value: str) -> str:
+    """A different value that a LIKE pattern made from `value` would also match."""
+    return re.sub(r"['\"\\\\%_]", "x", value)
+
+
+@pytest.mark.parametrize("value", AWKWARD.values(), ids=AWKWARD.keys())
+def test_runs_are_found_by_a_tag_value_with_quotes(store, experiment_id, value):
+    wanted = store.create_run(experiment_id, tags={"optuna.study": value}).info.run_id
+    store.create_run(experiment_id, tags={"optuna.study": near_miss(value)})
+    found = tracking.runs_tagged(["registry-tests"], {"optuna.study": value})
+    assert [run.info.run_id for run in found] == [wanted]
+
+
+@pytest.mark.parametrize("value", AWKWARD.values(), ids=AWKWARD.keys())
+def test_versions_are_found_by_a_model_name_with_quotes(store, experiment_id, value):
+    for name in (value, near_miss(value)):
+        run_id = store.create_run(experiment_id).info.run_id
+        model = store.create_logged_model(experiment_id, source_run_id=run_id)
+        register_version(f"models:/{model.model_id}", name, run_id, {"accuracy": 0.5})
+    assert [(v.name, str(v.version)) for v in versions_of(value)] == [(value, "1")]
+
+
+# --- opening a store -------------------------------------------------------------------
+
+
+def test_a_missing_local_store_is_named(tmp_path):
+    (tmp_path / "there.db").touch()
+    assert tracking.missing_local_store(f"sqlite:///{tmp_path}/there.db") is None
+    assert tracking.missing_local_store(f"sqlite:///{tmp_path}/typo.db") == f"{tmp_path}/typo.db"
+    assert tracking.missing_local_store(f"file://{tmp_path}/mlrunz") == f"{tmp_path}/mlrunz"
+    assert tracking.missing_local_store(str(tmp_path / "mlrunz")) == f"{tmp_path}/mlrunz"
+    for elsewhere in ("sqlite://", "http://127.0.0.1:9", "postgresql://h/db"):
+        assert tracking.missing_local_store(elsewhere) is None
+
+
+def test_reading_a_store_that_does_not_exist_creates_nothing(tracking_uri, tmp_path):
+    typo = tmp_path / "typo.db"
+    with pytest.raises(tracking.TrackingError, match=f"no MLflow tracking store at {typo}"):
+        tracking.use_tracking_uri(f"sqlite:///{typo}", create=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []

@@ -411,6 +411,33 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(store, tmp_path):
     assert len(store.trials("diverging")) == 2
 
 
+def test_a_study_and_model_named_with_quotes_are_reconciled(store, tmp_path):
+    # MLflow's filter strings cannot hold these names quoted the usual way; reconciliation
+    # must find the study's runs and the model's versions all the same. A worker killed
+    # right after creating the parent run leaves it RUNNING and unrecorded: the next
+    # worker must find it and discard it.
+    study, model = "bob's study", 'bob\'s "best" model'
+    config = study_config(tmp_path, "quoted", n_trials=1, registered_model=model)
+    killed = tune(
+        config, "--study-name", study, check=False, MNIST_TRACK_KILL_AT="parent_run_created"
+    )
+    assert killed.returncode == -signal.SIGKILL
+    result = tune(config, "--study-name", study)
+    assert "1 unrecorded parent run(s) discarded" in result.stdout
+
+    assert [r.info.run_name for r in store.runs() if r.info.status == "RUNNING"] == []
+    mine = [r for r in store.runs() if r.data.tags.get("optuna.study") == study]
+    parents = [r for r in mine if r.data.tags.get(ROLE_TAG) == "study"]
+    assert [(p.info.status, p.info.lifecycle_stage) for p in parents] == [
+        ("KILLED", "deleted"),
+        ("FINISHED", "active"),
+    ]
+    [trial] = store.trials(study)
+    assert state(trial) == "COMPLETE"
+    champion = store.client.get_model_version_by_alias(model, "champion")
+    assert str(champion.version) == trial.user_attrs["model_version"]
+
+
 # --- a worker killed mid-trial ---------------------------------------------------------
 
 # Slow enough (a second or more of training) that the signal lands while the trial trains.
