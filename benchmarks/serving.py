@@ -1,6 +1,8 @@
 """A real `mlflow models serve` process over loopback HTTP: latency of single-image
 requests and images/s of 256-image batches, for plain JSON arrays and for the compact
-base64 format, with 1 and 4 concurrent clients (threads, one keep-alive connection each)."""
+base64 format, with 1 and 4 concurrent clients (threads, one keep-alive connection each);
+and the input caps under load: 20 concurrent requests of the worst input the caps allow
+beside 20 of one small image, with the wall time and the server's peak RSS."""
 
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import os
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import threading
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,7 @@ NAME = "serving"
 MODEL = "bench-serving"
 BATCH = 256
 START_TIMEOUT = 180
+BURST = 20  # concurrent requests in the caps figures
 
 
 def register_small_model(context: Context, store) -> None:
@@ -273,6 +278,8 @@ def run(context: Context) -> list[Figure]:
                 figures += throughput_figures(
                     name, rates, BATCH / local[name, "batch"], batch_requests, bodies, quick
                 )
+            log(f"serving: caps, {BURST} concurrent worst-case requests")
+            figures += caps_figures(server, images[0], quick)
         finally:
             log("serving: stopping the server")
             server.stop()
@@ -349,6 +356,192 @@ def throughput_figures(
             ratio=rates[4] / rates[1],
             ratio_of="4 clients / 1 client",
             target=target,
+            estimate=quick,
+            note=note,
+        ),
+    ]
+
+
+# --- the input caps under load ---------------------------------------------------------
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def encoded(image, kind: str, **options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind, **options)
+    return buffer.getvalue()
+
+
+def worst_files() -> dict[str, bytes]:
+    """Files at every per-file cap at once: MAX_IMAGE_PIXELS declared (1024x1024), exactly
+    MAX_IMAGE_BYTES, and the costliest content found for each format: a 4-channel PNG
+    with the spare bytes as thousands of empty chunks before its pixels (each parsed in
+    Python), and a CMYK progressive JPEG with MAX_JPEG_SCANS scans, padded by comments."""
+    from PIL import Image
+
+    from mnist_track.serving import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_JPEG_SCANS
+
+    side = int(MAX_IMAGE_PIXELS**0.5)
+    png = encoded(Image.new("RGBA", (side, side)), "PNG")
+    spare = MAX_IMAGE_BYTES - len(png)
+    padding = png_chunk(b"zTXt", b"") * (spare // 12 - 1)
+    padding += png_chunk(b"zTXt", bytes(spare - len(padding) - 12))
+    png = png[:33] + padding + png[33:]  # after IHDR, before the pixels
+    jpeg = encoded(Image.new("CMYK", (side, side)), "JPEG", progressive=True)
+    start = jpeg.rfind(b"\xff\xda")
+    scan = jpeg[start : start + 2 + struct.unpack(">H", jpeg[start + 2 : start + 4])[0]]
+    end = jpeg.rfind(b"\xff\xd9")
+    jpeg = jpeg[:end] + scan * (MAX_JPEG_SCANS - jpeg.count(b"\xff\xda")) + jpeg[end:]
+    spare = MAX_IMAGE_BYTES - len(jpeg)  # one comment segment: up to 65,537 bytes
+    jpeg = jpeg[:2] + b"\xff\xfe" + struct.pack(">H", spare - 2) + bytes(spare - 4) + jpeg[2:]
+    files = {"PNG": png, "JPEG": jpeg}
+    for name, content in files.items():
+        if len(content) != MAX_IMAGE_BYTES:
+            raise RuntimeError(f"worst {name} is {len(content)} bytes, not {MAX_IMAGE_BYTES}")
+    return files
+
+
+def worst_body(digit) -> tuple[bytes, str]:
+    """The largest request the caps allow: MAX_IMAGE_FILES copies of the slowest worst
+    file (timed here) and raw pixels up to MAX_IMAGES; and which file it is."""
+    from mnist_track.serving import MAX_IMAGE_FILES, MAX_IMAGES, image_file_to_pixels
+
+    files = worst_files()
+    cost = {
+        name: statistics.median(
+            timed(lambda content=content: image_file_to_pixels(content, "worst"))[0]
+            for _ in range(5)
+        )
+        for name, content in files.items()
+    }
+    slowest = max(cost, key=cost.get)
+    images = [base64.b64encode(files[slowest]).decode()] * MAX_IMAGE_FILES
+    images += [base64.b64encode(digit.tobytes()).decode()] * (MAX_IMAGES - MAX_IMAGE_FILES)
+    note = f"{slowest}, {cost[slowest] * 1000:.0f} ms in-process"
+    return json.dumps({"inputs": images}).encode(), note
+
+
+def process_tree(root: int) -> list[int]:
+    """root and its descendants (the mlflow CLI and the uvicorn process it starts)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    tree, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        tree.append(pid)
+        stack += children.get(pid, [])
+    return tree
+
+
+def peak_rss(pids: list[int]) -> float:
+    """The largest VmHWM (peak resident set) among the processes, in MiB."""
+    peaks = [0.0]
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]) / 1024)
+    return max(peaks)
+
+
+def reset_peak_rss(pids: list[int]) -> None:
+    for pid in pids:  # "5" resets VmHWM to the current RSS (Linux 4.0+)
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def burst(port: int, body: bytes, clients: int) -> tuple[float, list[int]]:
+    """Wall seconds for `clients` threads sending `body` once each, all at once (one new
+    connection each), and the HTTP statuses."""
+    barrier = threading.Barrier(clients + 1)
+    statuses: list[int] = []
+
+    def send() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        barrier.wait()
+        try:
+            connection.request(
+                "POST", "/invocations", body=body, headers={"Content-Type": "application/json"}
+            )
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+        except OSError:
+            statuses.append(0)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=send) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started, statuses
+
+
+def caps_figures(server: Server, digit, quick: bool) -> list[Figure]:
+    """BURST concurrent requests of the worst input the caps allow against BURST of one
+    small image: wall time and the server's peak RSS (VmHWM, reset before each burst)."""
+    from mnist_track.serving import MAX_IMAGE_FILES, MAX_IMAGES
+
+    body, worst = worst_body(digit)
+    small = json.dumps({"inputs": [base64.b64encode(digit.tobytes()).decode()]}).encode()
+    pids = process_tree(server.process.pid)
+    results = {}
+    for name, request in (("small", small), ("worst", body)):
+        reset_peak_rss(pids)
+        baseline = peak_rss(pids)
+        seconds, statuses = burst(server.port, request, BURST)
+        if statuses != [200] * BURST:
+            raise RuntimeError(f"{name} burst: statuses {sorted(set(statuses))}, not all 200")
+        results[name] = seconds, peak_rss(pids), baseline
+    (small_s, small_peak, base), (worst_s, worst_peak, _) = results["small"], results["worst"]
+    note = (
+        f"{BURST} requests at once, one connection each; worst request: {len(body) / 1e6:.1f} MB, "
+        f"{MAX_IMAGE_FILES} files at every per-file cap ({worst}) and raw images up to "
+        f"{MAX_IMAGES:,}; RSS before: {base:.0f} MiB"
+    )
+    return [
+        Figure(
+            NAME,
+            f"caps: {BURST} concurrent worst-case requests, wall time",
+            worst_s,
+            "s",
+            reference=f"{BURST} concurrent 1-image requests",
+            reference_value=small_s,
+            reference_unit="s",
+            ratio=worst_s / small_s,
+            ratio_of="worst / small",
+            # All answered within MLflow's request timeout (60 s; then 504).
+            target=("value", "<", 60),
+            estimate=quick,
+            note=note,
+        ),
+        Figure(
+            NAME,
+            f"caps: {BURST} concurrent worst-case requests, server peak RSS",
+            worst_peak,
+            "MiB",
+            reference=f"{BURST} concurrent 1-image requests",
+            reference_value=small_peak,
+            reference_unit="MiB",
+            ratio=worst_peak / small_peak,
+            ratio_of="worst / small",
+            # README: at most ~16 MiB per worst request in flight (its body, parsed, its
+            # pixels, and one file decoded at a time).
+            target=("value", "<=", small_peak + 16 * BURST),
             estimate=quick,
             note=note,
         ),

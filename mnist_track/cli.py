@@ -46,33 +46,28 @@ def limit(value: int | None) -> int | None:
 
 @contextmanager
 def domain_errors():
-    """Turn the package's expected errors into one-line CLI errors, not tracebacks."""
+    """Expected errors become one-line CLI errors with passwords masked, not tracebacks:
+    the package's own (`MnistTrackError`; a bad config or option is a usage error, exit
+    2) and the stores' (MLflow, Optuna, SQLAlchemy, the OS; exit 1), as `errors.py`
+    tells them apart. Anything else is a bug and keeps its traceback."""
     from mnist_track.config import ConfigError
+    from mnist_track.errors import expected_message
 
     try:
         yield
     except ConfigError as error:
-        raise click.UsageError(str(error)) from None
+        raise click.UsageError(expected_message(error)) from None
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as error:
-        if type(error).__name__ in EXPECTED_ERRORS:
-            raise click.ClickException(str(error)) from None
+    except click.ClickException:
         raise
+    except Exception as error:
+        message = expected_message(error)
+        if message is None:
+            raise
+        raise click.ClickException(message) from None
 
-
-# Names, not classes, so this module need not import torch or MLflow to know them.
-EXPECTED_ERRORS = {
-    "DataError",
-    "TrackingError",
-    "StudyError",
-    "TrainingDiverged",
-    "MlflowException",
-    "InvalidPixels",
-    "ForeignModel",
-    "LockTimeout",
-}
 
 data_dir_option = click.option(
     "--data-dir",
@@ -232,13 +227,10 @@ def predict(images, model_uri, tracking_uri) -> None:
     """Classify PNG/JPEG digit images (files or folders) with a logged model."""
     paths = _image_paths(images)
     with domain_errors():
-        import numpy as np
-
         from mnist_track import tracking
-        from mnist_track.serving import image_file_to_pixels
 
-        pixels = np.stack([image_file_to_pixels(path.read_bytes(), str(path)) for path in paths])
-        tracking.use_tracking_uri(tracking_uri)
+        paths, pixels, unreadable = _read_images(paths)
+        tracking.use_tracking_uri(tracking_uri, create=False)  # reads: never makes a store
         # Built from the model's weights and architecture by this package: a model's own
         # code never runs here (a model we did not log is refused).
         from mnist_track.model_files import load_classifier
@@ -248,6 +240,35 @@ def predict(images, model_uri, tracking_uri) -> None:
             paths, predictions["digit"], predictions["probabilities"], strict=True
         ):
             click.echo(f"{path}\t{digit}\t{max(probabilities):.4f}")
+    if unreadable:
+        sys.exit(1)
+
+
+def _read_images(paths: list[Path]):
+    """(the readable paths, their pixels (N, 784), how many were not): each file that is
+    not a readable PNG/JPEG within the serving caps (or not a regular file: a FIFO, a
+    device) is reported on its own line on stderr, and the others are still classified."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from mnist_track.serving import InvalidPixels, image_file_to_pixels, read_image_file
+
+    readable, rows = [], []
+    with warnings.catch_warnings():
+        # Pillow warns of sizes far beyond the cap, which is refused in one line anyway.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for path in paths:
+            try:
+                rows.append(image_file_to_pixels(read_image_file(path), str(path)))
+            except InvalidPixels as error:
+                click.echo(f"Error: {error}", err=True)
+                continue
+            readable.append(path)
+    if not rows:
+        raise click.ClickException(f"none of the {len(paths)} images could be read")
+    return readable, np.stack(rows), len(paths) - len(readable)
 
 
 def _image_paths(arguments) -> list[Path]:
@@ -272,7 +293,9 @@ def _image_paths(arguments) -> list[Path]:
 @click.option("--registered-model", help="Registered model [the file's].")
 @click.option("--device", help="auto, cpu, cuda, mps [the file's train.device].")
 @click.option(
-    "--sampler-seed", type=int, help="Sampler seed [the file's]; give parallel workers their own."
+    "--sampler-seed",
+    type=click.IntRange(0, 2**32 - 1),
+    help="Sampler seed [the file's]; give parallel workers their own.",
 )
 @data_dir_option
 @download_option
@@ -385,7 +408,9 @@ def studies(storage, tracking_uri) -> None:
         if not storage:
             from mnist_track import tracking
 
-            storage = _storage_url(None, tracking.use_tracking_uri(tracking_uri))
+            # Only the URI is needed (the default storage lies beside an SQLite store):
+            # reading studies opens no tracking store, so it creates none.
+            storage = _storage_url(None, tracking.resolve_tracking_uri(tracking_uri))
         rows = study_summaries(storage)
         if not rows:
             click.echo(f"no studies in {redact_url(storage)}")
@@ -413,7 +438,7 @@ def promote(registered_model, version, alias, tracking_uri) -> None:
     with domain_errors():
         from mnist_track import tracking
 
-        tracking.use_tracking_uri(tracking_uri)
+        tracking.use_tracking_uri(tracking_uri, create=False)
         tracking.set_alias(registered_model, version, alias)
         click.echo(f"models:/{registered_model}@{alias} -> version {version}")
 

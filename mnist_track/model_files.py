@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from mnist_track import tracking
+from mnist_track.errors import MnistTrackError
 from mnist_track.models import IMAGE_SIDE, build_model
 from mnist_track.serving import ARCHITECTURE_ARTIFACT, WEIGHTS_ARTIFACT, DigitClassifier
 
@@ -44,7 +45,7 @@ ARCHITECTURE_KEYS = {
 }
 
 
-class ForeignModel(ValueError):
+class ForeignModel(MnistTrackError, ValueError):
     """A model mnist-track did not log, or whose files were altered: refused, not loaded."""
 
 

@@ -6,9 +6,18 @@ unpickled when it loads. Preprocessing lives here, so clients never see the
 normalization constants.
 
 Accepted inputs, per image (all with `{"inputs": [...]}` or `{"instances": [...]}`):
-- 784 numbers, or 28 rows of 28 numbers, each 0..255 (plain JSON arrays);
+- 784 numbers, or 28 rows of 28 numbers, each 0..255 (plain JSON arrays; JSON numbers
+  only: strings and booleans are refused);
 - a base64 string of the 784 raw uint8 pixels, row-major (compact: ~4x smaller, fast);
-- a base64 string of a PNG/JPEG file (any size; grayscale-converted and resized to 28x28).
+- a base64 string of a PNG or JPEG file (any size within the caps below; grayscale-
+  converted and resized to 28x28). Files are told apart by their signature, not their
+  length, so a 784-byte PNG is read as a PNG.
+
+The input is untrusted, so every request's work is bounded before anything is decoded:
+at most MAX_IMAGES images, of which at most MAX_IMAGE_FILES PNG/JPEG files, each at most
+MAX_IMAGE_BYTES and declaring at most MAX_IMAGE_PIXELS (read from its header before its
+pixels are decoded). Every refusal is an `InvalidPixels` with a short message that quotes
+no input; the served model turns it into HTTP 400 (`RefusedInput`).
 """
 
 from __future__ import annotations
@@ -17,28 +26,75 @@ import base64
 import binascii
 import io
 import json
+import logging
+import os
+import stat
 
 import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema, TensorSpec
 from mlflow.types.schema import Array
 
 from mnist_track.data import normalize_pixels
+from mnist_track.errors import MnistTrackError
 from mnist_track.models import IMAGE_SIDE, build_model
 
 WEIGHTS_ARTIFACT = "weights"
 ARCHITECTURE_ARTIFACT = "architecture"
 N_PIXELS = IMAGE_SIDE * IMAGE_SIDE
-MAX_BATCH = 10_000  # a bound on one request's work
+
+# The caps on one request (README, "Serving the model"; benchmarks/serving.py measures the
+# worst request they allow). Raw pixels cost microseconds an image; a PNG/JPEG file up to
+# ~25 ms (its chunks, header and pixels are parsed), so files have a count of their own.
+MAX_IMAGES = 1_000  # images per request, any format: up to ~3 MB of JSON numbers
+MAX_IMAGE_FILES = 16  # PNG/JPEG files per request: ~0.4 s of decoding at most
+MAX_IMAGE_BYTES = 64 * 1024  # per file: a digit's scan or crop is a few KB
+MAX_IMAGE_PIXELS = 1024 * 1024  # declared width x height: <= ~5 MB and ~25 ms to decode
+MAX_JPEG_SCANS = 64  # progressive JPEGs use ~10; each extra scan re-walks every pixel
+MAX_MESSAGE = 300  # characters in a refusal: says what is wrong, never quotes the input
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+JPEG_START_OF_SCAN = b"\xff\xda"  # never inside entropy-coded data (0xFF is stuffed there)
+MAX_BASE64_CHARS = 4 * -(-MAX_IMAGE_BYTES // 3)
+
+_logger = logging.getLogger(__name__)
 
 
-class InvalidPixels(ValueError):
+class InvalidPixels(MnistTrackError, ValueError):
     """A request's images cannot be read; the message says which and why."""
+
+
+class RefusedInput(MlflowException):
+    """A bad request as MLflow's scoring server answers it: HTTP 400 with our message only.
+
+    The scoring server rewrites the message of any MlflowException raised by predict to
+    "Failed to predict data '<the whole input>'. Error: ...", which echoes megabytes back
+    to the client; any other exception becomes a 400 carrying the Python traceback. So
+    this exception's message is set once, when it is made, and later assignments are
+    ignored."""
+
+    def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE) -> None:
+        super().__init__(_short(message), error_code=error_code)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
+
+
+def _short(text: str) -> str:
+    text = " ".join(str(text).split())  # one line
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
 
 
 def model_signature() -> ModelSignature:
@@ -51,52 +107,92 @@ def model_signature() -> ModelSignature:
 
 
 def decode_images(model_input) -> np.ndarray:
-    """Any accepted input -> uint8-valued float32 pixels (N, 784). Raises InvalidPixels."""
+    """Any accepted input -> uint8-valued float32 pixels (N, 784). Raises InvalidPixels.
+
+    Counts are checked first, then every string's length, base64 and signature, and only
+    then are files decoded, one at a time."""
     if isinstance(model_input, pd.DataFrame):
         model_input = model_input.to_numpy()
         if model_input.ndim == 2 and model_input.shape[1] == 1:
             model_input = model_input[:, 0]  # one column of strings or of arrays
     if isinstance(model_input, dict):
+        names = [name[:20] for name in sorted(map(str, model_input))[:5]]  # quote little
         raise InvalidPixels(
-            f"expected a list of images, got named fields {sorted(model_input)}; "
-            'send {"inputs": [image, ...]}'
+            f'expected a list of images, got named fields {names}; send {{"inputs": [image, ...]}}'
         )
-    if (
-        isinstance(model_input, (list, tuple))
-        and model_input
-        and all(isinstance(item, (str, bytes)) for item in model_input)
-    ):
-        model_input = np.array(model_input, dtype=object)
-    array = model_input if isinstance(model_input, np.ndarray) else _as_array(model_input)
-    if array.ndim == 0 or len(array) == 0:
+    is_list = isinstance(model_input, (list, tuple))
+    if not (is_list or isinstance(model_input, np.ndarray) and model_input.ndim > 0):
         raise InvalidPixels("expected a non-empty list of images")
-    if len(array) > MAX_BATCH:
-        raise InvalidPixels(f"at most {MAX_BATCH} images per request, got {len(array)}")
-    if array.dtype == object and array.ndim == 1:
-        if all(isinstance(item, (str, bytes)) for item in array):
-            return np.stack([_decode_encoded(item, index) for index, item in enumerate(array)])
-        array = _as_array(array.tolist())  # rows of numbers that arrived as objects
-    return _check_pixels(array)
-
-
-def _as_array(values) -> np.ndarray:
-    try:
-        if isinstance(values, np.ndarray):
-            return values.astype(np.float32)  # one C loop, no Python lists
-        return np.asarray(values, dtype=np.float32)
-    except ValueError as error:
-        if "inhomogeneous" in str(error) or "sequence" in str(error):
+    if len(model_input) == 0:
+        raise InvalidPixels("expected a non-empty list of images")
+    if len(model_input) > MAX_IMAGES:
+        raise InvalidPixels(f"at most {MAX_IMAGES:,} images per request, got {len(model_input):,}")
+    if is_list or model_input.ndim == 1:
+        kinds = {type(item) for item in model_input}
+        if kinds <= {str, bytes}:
+            return _decode_strings(model_input)
+        if kinds & {str, bytes}:
             raise InvalidPixels(
-                "images must all have the same shape: 784 values or 28 rows of 28 values each"
-            ) from None
-        raise InvalidPixels(f"pixel values must be numbers 0..255: {error}") from None
-    except TypeError as error:
-        raise InvalidPixels(f"pixel values must be numbers 0..255: {error}") from None
+                "images must be all base64 strings or all arrays of numbers, not a mix"
+            )
+    return _check_pixels(_numbers(model_input))
+
+
+def _numbers(values) -> np.ndarray:
+    """Pixel values as an array, each a real number: strings, booleans, None and nested
+    lists of different lengths are refused, not converted."""
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        if values.dtype.kind not in "iuf":
+            raise InvalidPixels(f"pixel values must be numbers 0..255, got {values.dtype} values")
+        return values
+    if not isinstance(values, np.ndarray) or (
+        values.ndim == 1 and any(isinstance(item, (list, tuple, np.ndarray)) for item in values)
+    ):
+        # Python lists, or MLflow's 1-D object array of per-image lists: nest them again.
+        values = np.array(list(values), dtype=object)
+    if values.size > MAX_IMAGES * N_PIXELS:
+        raise InvalidPixels(f"at most {MAX_IMAGES:,} images of 784 values per request")
+    if values.ndim > 3:
+        raise _shape_error(values)
+    kinds = set(map(type, values.reshape(-1)))
+    if kinds & {list, tuple, np.ndarray}:
+        raise InvalidPixels(
+            "images must all have the same shape: 784 values or 28 rows of 28 values each"
+        )
+    if not all(_is_number_type(kind) for kind in kinds):
+        flat = values.reshape(-1)
+        index = next(i for i, value in enumerate(flat) if not _is_number_type(type(value)))
+        image, pixel = divmod(index, values[0].size if values.ndim > 1 else len(flat))
+        where = f"image {image}, pixel {pixel}" if values.ndim > 1 else f"value {index}"
+        raise InvalidPixels(
+            f"pixel values must be numbers 0..255; {where} is {_kind_of(flat[index])}"
+        )
+    return values
+
+
+def _is_number_type(kind: type) -> bool:
+    # bool is an int subclass and np.bool_ is no number: both are refused.
+    return kind in (int, float) or (
+        issubclass(kind, (np.integer, np.floating)) and not issubclass(kind, np.bool_)
+    )
+
+
+def _kind_of(value) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return f"the boolean {bool(value)}"
+    if isinstance(value, str):
+        return "a string" if len(value) > 20 else f"the string {value!r}"
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def _shape_error(array: np.ndarray) -> InvalidPixels:
+    shape = f"of shape {tuple(array.shape)}" if array.ndim <= 4 else f"of {array.ndim} dimensions"
+    return InvalidPixels(
+        f"each image must be 784 values or 28 rows of 28 values; got an array {shape}"
+    )
 
 
 def _check_pixels(array: np.ndarray) -> np.ndarray:
-    if array.dtype == object:
-        array = _as_array(array)  # MLflow hands JSON numbers over as an object array
     if array.ndim == 1 and array.shape[0] == N_PIXELS or array.shape == (IMAGE_SIDE, IMAGE_SIDE):
         array = array[np.newaxis]  # a single image sent without the batch list
     if not (
@@ -105,11 +201,14 @@ def _check_pixels(array: np.ndarray) -> np.ndarray:
         or array.ndim == 3
         and array.shape[1:] == (IMAGE_SIDE, IMAGE_SIDE)
     ):
-        raise InvalidPixels(
-            f"each image must be 784 values or 28 rows of 28 values; got an array of shape "
-            f"{tuple(array.shape)}"
-        )
-    array = array.reshape(len(array), N_PIXELS).astype(np.float32, copy=False)
+        raise _shape_error(array)
+    if len(array) > MAX_IMAGES:
+        raise InvalidPixels(f"at most {MAX_IMAGES:,} images per request, got {len(array):,}")
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # too large: inf, refused below
+            array = array.reshape(len(array), N_PIXELS).astype(np.float32, copy=False)
+    except (OverflowError, ValueError, TypeError):
+        raise InvalidPixels("pixel values must be numbers in 0..255") from None
     bad = ~np.isfinite(array) | (array < 0) | (array > 255)
     if bad.any():
         image, pixel = np.argwhere(bad)[0]
@@ -120,35 +219,132 @@ def _check_pixels(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _decode_encoded(item: str | bytes, index: int) -> np.ndarray:
+def _decode_strings(items) -> np.ndarray:
+    """base64 strings -> pixels: every string is length-checked, decoded and sorted into
+    raw pixels or a PNG/JPEG file before any file is decoded."""
+    contents = [_from_base64(item, index) for index, item in enumerate(items)]
+    files = [index for index, content in enumerate(contents) if image_format(content)]
+    if len(files) > MAX_IMAGE_FILES:
+        raise InvalidPixels(
+            f"at most {MAX_IMAGE_FILES} PNG/JPEG images per request, got {len(files)}; "
+            "send larger batches as raw pixels"
+        )
+    for index, content in enumerate(contents):
+        if len(content) != N_PIXELS and image_format(content) is None:
+            raise InvalidPixels(
+                f"image {index}: {len(content):,} bytes that are neither 784 raw pixels nor "
+                "a PNG/JPEG file"
+            )
+    pixels = np.empty((len(contents), N_PIXELS), dtype=np.float32)
+    for index, content in enumerate(contents):
+        if image_format(content):
+            pixels[index] = image_file_to_pixels(content, f"image {index}")
+        else:
+            pixels[index] = np.frombuffer(content, dtype=np.uint8)
+    return pixels
+
+
+def _from_base64(item: str | bytes, index: int) -> bytes:
+    if len(item) > MAX_BASE64_CHARS:
+        raise InvalidPixels(
+            f"image {index}: {len(item):,} base64 characters; at most {MAX_IMAGE_BYTES:,} "
+            f"bytes ({MAX_BASE64_CHARS:,} characters) per image"
+        )
     try:
-        raw = base64.b64decode(item, validate=True)
+        content = base64.b64decode(item, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidPixels(
             f"image {index}: a string must be base64 (raw pixels or PNG/JPEG)"
         ) from None
-    if len(raw) == N_PIXELS:
-        return np.frombuffer(raw, dtype=np.uint8).astype(np.float32)
-    return image_file_to_pixels(raw, f"image {index}")
+    if len(content) > MAX_IMAGE_BYTES:
+        raise InvalidPixels(
+            f"image {index}: {len(content):,} bytes; at most {MAX_IMAGE_BYTES:,} per image"
+        )
+    return content
+
+
+def image_format(content: bytes) -> str | None:
+    """ "PNG" or "JPEG" by the file's signature, else None."""
+    if content.startswith(PNG_SIGNATURE):
+        return "PNG"
+    if content.startswith(JPEG_SIGNATURE):
+        return "JPEG"
+    return None
 
 
 def image_file_to_pixels(content: bytes, label: str) -> np.ndarray:
     """PNG/JPEG bytes -> float32 pixels (784,), white digit on black as in MNIST: a picture
-    with a light background (a dark digit on paper) is inverted."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(content)) as image:
-            gray = image.convert("L")
-            if gray.size != (IMAGE_SIDE, IMAGE_SIDE):
-                gray = gray.resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.LANCZOS)
-            pixels = np.asarray(gray, dtype=np.float32).reshape(N_PIXELS)
-    except (UnidentifiedImageError, OSError, ValueError):
+    with a light background (a dark digit on paper) is inverted. Raises InvalidPixels for
+    any other format, a file over MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS, or one Pillow
+    cannot read."""
+    kind = image_format(content)
+    if kind is None:
+        raise InvalidPixels(f"{label}: not a PNG or JPEG file ({len(content):,} bytes)")
+    if len(content) > MAX_IMAGE_BYTES:
         raise InvalidPixels(
-            f"{label}: not 784 raw bytes and not a readable PNG/JPEG image ({len(content)} bytes)"
-        ) from None
+            f"{label}: {len(content):,} bytes; at most {MAX_IMAGE_BYTES:,} per image"
+        )
+    if kind == "JPEG" and content.count(JPEG_START_OF_SCAN) > MAX_JPEG_SCANS:
+        raise InvalidPixels(f"{label}: a JPEG with more than {MAX_JPEG_SCANS} scans")
+    try:
+        pixels = _decode_file(content, kind, label)
+    except InvalidPixels:
+        raise
+    except Exception as error:  # noqa: BLE001 - Pillow raises many types on hostile bytes
+        raise InvalidPixels(f"{label}: {_reason(error, kind)}") from None
     border = np.concatenate([pixels[:IMAGE_SIDE], pixels[-IMAGE_SIDE:]])
     return 255.0 - pixels if border.mean() > 127 else pixels
+
+
+def _decode_file(content: bytes, kind: str, label: str) -> np.ndarray:
+    from PIL import Image
+
+    # Image.open reads the header only; the pixels are decoded by convert().
+    with Image.open(io.BytesIO(content), formats=[kind]) as image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise InvalidPixels(
+                f"{label}: {width}x{height} pixels; at most {MAX_IMAGE_PIXELS:,} per image "
+                f"(e.g. 1024x1024)"
+            )
+        gray = image.convert("L")
+    if gray.size != (IMAGE_SIDE, IMAGE_SIDE):
+        gray = gray.resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.LANCZOS)
+    return np.asarray(gray, dtype=np.float32).reshape(N_PIXELS)
+
+
+def _reason(error: Exception, kind: str) -> str:
+    from PIL import Image
+
+    if isinstance(error, Image.DecompressionBombError):
+        # Pillow's own check in Image.open, for sizes far beyond ours: same refusal.
+        return f"declares far more than the {MAX_IMAGE_PIXELS:,} pixels allowed per image"
+    return f"not a readable {kind} image ({_short(str(error) or type(error).__name__)[:100]})"
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """An image file's bytes for `predict`: a regular file of at most MAX_IMAGE_BYTES.
+
+    A FIFO, a device (/dev/zero) or a folder is refused before it is read: the file is
+    checked by name, then opened without blocking and checked again on the descriptor (it
+    may have been swapped in between), and at most MAX_IMAGE_BYTES + 1 bytes are read."""
+    label = str(path)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise InvalidPixels(f"{label}: not a regular file")
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise InvalidPixels(f"{label}: {error.strerror or error}") from None
+    with open(descriptor, "rb", closefd=True) as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise InvalidPixels(f"{label}: not a regular file")
+        try:
+            content = file.read(MAX_IMAGE_BYTES + 1)
+        except OSError as error:
+            raise InvalidPixels(f"{label}: {error.strerror or error}") from None
+    if len(content) > MAX_IMAGE_BYTES:
+        raise InvalidPixels(f"{label}: larger than {MAX_IMAGE_BYTES:,} bytes")
+    return content
 
 
 class DigitClassifier(PythonModel):
@@ -171,7 +367,15 @@ class DigitClassifier(PythonModel):
         try:
             pixels = decode_images(model_input)
         except InvalidPixels as error:
-            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+            raise RefusedInput(str(error)) from None
+        except Exception as error:
+            # A bug, not a bad request: its traceback goes to the server's log, not to the
+            # client (MLflow would send it as a "stack_trace" field).
+            _logger.exception("reading a request's images failed")
+            raise RefusedInput(
+                f"internal error while reading the images ({type(error).__name__})",
+                error_code=INTERNAL_ERROR,
+            ) from None
         probabilities = self.probabilities(pixels)
         return pd.DataFrame(
             {

@@ -20,7 +20,7 @@ from mnist_track.config import TrainConfig
 from mnist_track.data import normalize_pixels
 from mnist_track.models import architecture_of
 from mnist_track.serving import (
-    MAX_BATCH,
+    MAX_IMAGES,
     DigitClassifier,
     InvalidPixels,
     decode_images,
@@ -190,11 +190,11 @@ def test_bad_inputs_say_what_is_wrong(model_input, fragments):
 
 
 def test_too_many_images():
-    with pytest.raises(InvalidPixels, match=f"at most {MAX_BATCH}"):
-        decode_images(np.zeros((MAX_BATCH + 1, 784), dtype=np.float32))
-    with pytest.raises(InvalidPixels, match=f"got {MAX_BATCH + 1}"):
-        decode_images(strings(*["AA=="] * (MAX_BATCH + 1)))
-    assert decode_images(np.zeros((MAX_BATCH, 784), dtype=np.float32)).shape == (MAX_BATCH, 784)
+    with pytest.raises(InvalidPixels, match=f"at most {MAX_IMAGES:,}"):
+        decode_images(np.zeros((MAX_IMAGES + 1, 784), dtype=np.float32))
+    with pytest.raises(InvalidPixels, match=f"got {MAX_IMAGES + 1:,}"):
+        decode_images(strings(*["AA=="] * (MAX_IMAGES + 1)))
+    assert decode_images(np.zeros((MAX_IMAGES, 784), dtype=np.float32)).shape == (MAX_IMAGES, 784)
 
 
 def test_unreadable_image_file():
