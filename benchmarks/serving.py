@@ -194,13 +194,7 @@ def throughput(port: int, bodies: list[bytes], clients: int, requests_each: int)
         threading.Thread(target=work, args=(connection, offset))
         for offset, connection in enumerate(connections)
     ]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
+    seconds = released_together(threads, barrier)
     for connection in connections:
         connection.close()
     if errors:
@@ -482,13 +476,7 @@ def burst(port: int, body: bytes, clients: int) -> tuple[float, list[int]]:
             connection.close()
 
     threads = [threading.Thread(target=send) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - started, statuses
+    return released_together(threads, barrier), statuses
 
 
 def caps_figures(server: Server, digit, quick: bool) -> list[Figure]:
@@ -546,3 +534,15 @@ def caps_figures(server: Server, digit, quick: bool) -> list[Figure]:
             note=note,
         ),
     ]
+
+
+def released_together(threads: list[threading.Thread], barrier: threading.Barrier) -> float:
+    """Start `threads`, release them at once through `barrier` (whose last party is this
+    thread), and return the seconds until all have finished."""
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started

@@ -20,13 +20,13 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from conftest import BIN_DIR, cli_env, run_cli
+from stores import Stores
 from tracking_server import output_of, start_worker
 
 pytest_plugins = ["postgres", "tracking_server"]
@@ -69,38 +69,6 @@ def team_config(folder: Path, name: str, **settings: Any) -> Path:
     return path
 
 
-@dataclass
-class Stores:
-    """The tracking store and study storage a team shares, read from this process."""
-
-    tracking_uri: str
-    storage_url: str
-
-    @property
-    def client(self):
-        from mlflow import MlflowClient
-
-        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-
-    def study(self, name: str):
-        import optuna
-
-        return optuna.load_study(study_name=name, storage=self.storage_url)
-
-    def runs(self, experiment: str) -> list:
-        from mlflow.entities import ViewType
-
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            return []
-        return self.client.search_runs(
-            [found.experiment_id], "", run_view_type=ViewType.ACTIVE_ONLY, max_results=1000
-        )
-
-    def versions(self, model: str) -> list:
-        return self.client.search_model_versions(f"name = '{model}'")
-
-
 def wait(process: subprocess.Popen, folder: Path, name: str, timeout: float = WORKER_TIMEOUT):
     try:
         return process.wait(timeout=timeout)
@@ -124,7 +92,7 @@ def assert_invariants(stores: Stores, config_path: Path, n_trials: int) -> None:
     # Exact counts; nothing left running or queued.
     assert sum(counted(t) for t in trials) == n_trials, states
     assert not {"RUNNING", "WAITING"} & set(states), states
-    runs = stores.runs(experiment)
+    runs = [r for r in stores.experiment_runs(experiment) if r.info.lifecycle_stage == "active"]
     assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
 
     # One parent run, FINISHED, recorded on the study; every trial run under it.
@@ -137,7 +105,7 @@ def assert_invariants(stores: Stores, config_path: Path, n_trials: int) -> None:
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trial_runs)
 
     # Each COMPLETE trial: exactly one FINISHED run and exactly one version; no other.
-    versions = stores.versions(model)
+    versions = stores.model_versions(model)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     for trial in complete:
         finished = [
@@ -337,7 +305,10 @@ def test_a_shared_tracking_store_needs_a_shared_study_storage(tracking_server, t
     assert "MNIST_TRACK_STORAGE" in result.stderr and "MLFLOW_TRACKING_URI" in result.stderr
     assert "Traceback" not in result.stderr
     assert list(folder.iterdir()) == []
-    assert Stores(tracking_server.url, tracking_server.storage_url).runs("team-nowhere") == []
+    assert (
+        Stores(tracking_server.url, tracking_server.storage_url).experiment_runs("team-nowhere")
+        == []
+    )
 
 
 @pytest.mark.postgres
@@ -365,7 +336,7 @@ def test_a_storage_password_never_leaves_the_worker(tracking_server, tmp_path):
     assert secret not in output
 
     stores = Stores(tracking_server.url, tracking_server.storage_url)
-    for run in stores.runs("team-secret"):
+    for run in stores.experiment_runs("team-secret"):
         recorded = {**run.data.params, **run.data.tags}
         assert not [key for key, value in recorded.items() if secret in value]
     assert secret not in tracking_server.log.read_text()

@@ -17,13 +17,13 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from conftest import BIN_DIR, cli_env, run_cli
+from stores import Stores
 
 pytest_plugins = ["postgres"]
 pytestmark = pytest.mark.e2e
@@ -67,41 +67,12 @@ def tune(config: Path, *args: str, check: bool = True, **env: str):
     return run_cli("tune", str(config), "--no-download", *args, check=check, **env)
 
 
-@dataclass
-class Store:
-    """An MLflow tracking store and an Optuna storage, read from this process."""
-
-    tracking_uri: str
-    storage_url: str
-
-    @property
-    def client(self):
-        from mlflow import MlflowClient
-
-        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-
-    def study(self, name: str):
-        import optuna
-
-        return optuna.load_study(study_name=name, storage=self.storage_url)
-
-    def trials(self, name: str) -> list:
-        return sorted(self.study(name).get_trials(deepcopy=False), key=lambda t: t.number)
+class Store(Stores):
+    """The stores of this module's experiment and registered model."""
 
     def runs(self, filter_string: str = "") -> list:
         """Every run of the experiment (any status), oldest first."""
-        from mlflow.entities import ViewType
-
-        experiment = self.client.get_experiment_by_name(EXPERIMENT)
-        if experiment is None:
-            return []
-        return self.client.search_runs(
-            [experiment.experiment_id],
-            filter_string,
-            run_view_type=ViewType.ALL,
-            max_results=1000,
-            order_by=["attributes.start_time ASC"],
-        )
+        return self.experiment_runs(EXPERIMENT, filter_string)
 
     def parent_runs(self, study: str) -> list:
         """The study's parent runs, not counting discarded (deleted) candidates."""
@@ -113,10 +84,10 @@ class Store:
         return [run for run in runs if run.data.tags.get(ROLE_TAG) != "study"]
 
     def versions(self, study: str | None = None) -> list:
-        versions = self.client.search_model_versions(f"name = '{MODEL}'")
+        versions = self.model_versions(MODEL)
         if study is not None:
             versions = [v for v in versions if v.tags.get("study") == study]
-        return sorted(versions, key=lambda v: int(v.version))
+        return versions
 
 
 def sqlite_store(folder: Path) -> Store:
