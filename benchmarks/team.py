@@ -199,6 +199,8 @@ def logged_trial_costs(context: Context, server_url: str, repeats: int) -> dict[
     outside_fit: dict[str, list] = {"sqlite": [], "server": []}
     with temp_store("bench-team-") as store:
         targets = {"sqlite": store.uri, "server": server_url}
+        tracking.use_tracking_uri(store.uri)
+        store.experiment("bench-trial")  # artifacts in the store's folder, not ./mlruns
         for uri in targets.values():  # warm-up: first runs pay lazy imports and connections
             tracking.use_tracking_uri(uri)
             train_and_track(train, splits, experiment="bench-trial", registered_model="bench")
