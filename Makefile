@@ -36,4 +36,4 @@ ui: $(VENV)/.installed
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf $(VENV) mlruns mlflow.db optuna.db bench-results
+	rm -rf $(VENV) mlruns mlflow.db optuna.db mlflow.db.lock optuna.db.lock bench-results
