@@ -26,47 +26,28 @@ from typing import Any
 import pytest
 import yaml
 from conftest import BIN_DIR, cli_env, run_cli
-from stores import Stores
+from stores import ROLE_TAG, RUN_ID_ATTR, Stores, tiny_study
 from tracking_server import output_of, start_worker
 
 pytest_plugins = ["postgres", "tracking_server"]
 pytestmark = pytest.mark.e2e
 
-RUN_ID_ATTR = "mlflow_run_id"
-ROLE_TAG = "mnist_track.role"
-# Tiny trials (about a second of training); heartbeats every second, a worker silent for
-# three is dead.
-TRAIN = {
-    "model": "mlp",
-    "epochs": 2,
-    "batch_size": 128,
-    "train_limit": 1500,
-    "val_size": 500,
-    "test_limit": 500,
-    "hidden_sizes": [32],
-}
+# Heartbeats every second; a worker silent for three is dead.
 GRACE_PERIOD = 3
 WORKER_TIMEOUT = 420
 
 
 def team_config(folder: Path, name: str, **settings: Any) -> Path:
-    """A study YAML named `name` with its own experiment and registered model."""
-    config: dict[str, Any] = {
-        "study_name": name,
+    """A tiny study named `name` with its own experiment and registered model, 4 trials,
+    and quick heartbeats."""
+    defaults = {
         "experiment": f"team-{name}",
         "registered_model": f"model-{name}",
         "n_trials": 4,
-        "sampler": {"type": "random", "seed": 0},
-        "pruner": {"type": "none"},
         "heartbeat_interval": 1,
         "grace_period": GRACE_PERIOD,
-        "search_space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
     }
-    config.update(settings)
-    config["train"] = TRAIN | settings.get("train", {})
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return tiny_study(folder, name, **(defaults | settings))
 
 
 def wait(process: subprocess.Popen, folder: Path, name: str, timeout: float = WORKER_TIMEOUT):

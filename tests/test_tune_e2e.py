@@ -21,46 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from conftest import BIN_DIR, cli_env, run_cli
-from stores import Stores
+from stores import ROLE_TAG, RUN_ID_ATTR, Stores, tiny_study
 
 pytest_plugins = ["postgres"]
 pytestmark = pytest.mark.e2e
 
 EXPERIMENT = "e2e"
 MODEL = "e2e-model"
-RUN_ID_ATTR = "mlflow_run_id"
-ROLE_TAG = "mnist_track.role"
-
-# Tiny trials: about 1 s of training, then plots and the model (a few seconds).
-TRAIN = {
-    "model": "mlp",
-    "epochs": 2,
-    "batch_size": 128,
-    "train_limit": 1500,
-    "val_size": 500,
-    "test_limit": 500,
-    "hidden_sizes": [32],
-}
 
 
 def study_config(folder: Path, name: str, **settings: Any) -> Path:
-    """A study YAML `folder/<name>.yaml`; `train` entries are laid over TRAIN."""
-    config: dict[str, Any] = {
-        "study_name": name,
-        "experiment": EXPERIMENT,
-        "registered_model": MODEL,
-        "n_trials": 3,
-        "sampler": {"type": "random", "seed": 0},
-        "pruner": {"type": "none"},
-        "search_space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
-    }
-    config.update(settings)
-    config["train"] = TRAIN | settings.get("train", {})
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    """A tiny study in this module's experiment and registered model."""
+    return tiny_study(
+        folder, name, **({"experiment": EXPERIMENT, "registered_model": MODEL} | settings)
+    )
 
 
 def tune(config: Path, *args: str, check: bool = True, **env: str):
