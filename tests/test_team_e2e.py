@@ -201,8 +201,17 @@ def test_a_worker_killed_at_any_point_leaves_the_promises_intact(tracking_server
 
     restart = start_worker(tracking_server, folders[0], *args, name="restart")
     assert wait(restart, folders[0], "restart") == 0, output_of(folders[0], "restart")
-    assert "(0 run now" in output_of(folders[0], "restart")
-    assert_invariants(stores, config, n_trials=4)
+    logs = "\n".join(
+        output_of(folder, name)
+        for folder in folders
+        for name in ("tune", "restart")
+        if (folder / f"{name}.out").exists()
+    )
+    assert "(0 run now" in output_of(folders[0], "restart"), logs
+    try:
+        assert_invariants(stores, config, n_trials=4)
+    except AssertionError as error:  # the workers' own account, to tell what interleaved
+        raise AssertionError(f"{error}\n--- worker output ---\n{logs}") from None
     for folder in folders:
         assert_nothing_written(folder, "tune", "restart")
 
