@@ -4,6 +4,7 @@ end the run, then register the model and let `champion` follow the rule. Used by
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
@@ -161,7 +162,18 @@ def _register(run_id, model_uri, name, version_tags, split, still_wanted, outcom
         tracking.end_stale_run(run_id, "FAILED", abandoned, also=("FINISHED",))
         tracking.crown_champion(name, split)
         raise TrialAbandoned(abandoned)
-    return outcome(version, tracking.crown_champion(name, split, candidate=version))
+    try:
+        champion = tracking.crown_champion(name, split, candidate=version)
+    except BaseException as error:
+        # The trial fails with this error: its version and its FINISHED run must not
+        # outlive it (a version is a promise that its trial completed).
+        with contextlib.suppress(Exception):
+            tracking.delete_version(name, version)
+            tracking.end_stale_run(
+                run_id, "FAILED", f"champion decision failed: {error}", also=("FINISHED",)
+            )
+        raise
+    return outcome(version, champion)
 
 
 def _insist(still_wanted: Callable[[], bool]) -> None:

@@ -12,13 +12,14 @@ import contextlib
 import json
 import os
 import posixpath
+import random
 import re
 import shutil
 import subprocess
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
@@ -633,10 +634,13 @@ def crown_champion(name: str, split: str, candidate: str | None = None) -> Champ
         best = next((v for v in comparable if valid(v)), None)
         if best is None:
             if current is not None and not valid(current):
-                MlflowClient().delete_registered_model_alias(name, CHAMPION_ALIAS)
+                if not _lost_race(MlflowClient().delete_registered_model_alias, name):
+                    continue
             return Champion(None, _why_not_compared(candidate, versions, reference))
         if current is None or str(current.version) != str(best.version):
-            MlflowClient().set_registered_model_alias(name, CHAMPION_ALIAS, best.version)
+            client = MlflowClient()
+            if not _lost_race(client.set_registered_model_alias, name, best.version):
+                continue
         decision = Champion(str(best.version), _why_not_compared(candidate, versions, reference))
         settled = alias_version(name)
         if (
@@ -646,6 +650,21 @@ def crown_champion(name: str, split: str, candidate: str | None = None) -> Champ
         ):
             return decision
     return decision
+
+
+def _lost_race(change_alias: Callable[..., None], name: str, *version: str) -> bool:
+    """Set or delete `champion`; False when another worker changed it at the same moment.
+    A tracking server's registry reads, then inserts: two workers crowning the first
+    champion together both insert, and the loser's request fails on the unique key. The
+    caller then reads again and decides again, like any other lost race."""
+    try:
+        change_alias(name, CHAMPION_ALIAS, *version)
+    except MlflowException:
+        if alias_version(name) is None and not version:
+            return True  # deleting an alias another worker deleted first
+        time.sleep(0.05 + random.random() * 0.2)  # let the winner's write land first
+        return False
+    return True
 
 
 def _why_not_compared(candidate: str | None, versions: list, reference: str) -> str | None:

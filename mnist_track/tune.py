@@ -587,9 +587,10 @@ def reconcile(study: optuna.Study, config: StudyConfig) -> Reconciled:
         if not _version_belongs(version, trial, status):
             tracking.delete_version(config.registered_model, str(version.version))
             report.versions_removed.append(str(version.version))
-    if report.versions_removed or tracking.alias_version(config.registered_model) is None:
-        split = validation_digest(config.train.val_size, config.train.split_seed)
-        tracking.crown_champion(config.registered_model, split)
+    # Always decided again: a worker that died (or lost every race) while crowning may
+    # have left `champion` on a version that is no longer the best.
+    split = validation_digest(config.train.val_size, config.train.split_seed)
+    tracking.crown_champion(config.registered_model, split)
     return report
 
 
@@ -610,10 +611,15 @@ def _verdict(run, trial: FrozenTrial | None) -> tuple[str, str, str] | None:
     if trial.state == TrialState.RUNNING:
         return None  # a live worker's, or stale and failed on a later pass
     own = trial.user_attrs.get(RUN_ID_ATTR) == run.info.run_id
+    finished = run.info.status == "FINISHED"
     if trial.state == TrialState.FAIL and ERROR_ATTR not in trial.user_attrs:
-        if running or run.info.status == "FINISHED":
+        if running or finished:
             return "FAILED", "FAIL", "the trial's process stopped before it finished"
         return None
+    if trial.state == TrialState.FAIL and finished:
+        # e.g. registering its model failed after the run had ended: a FINISHED run
+        # promises a COMPLETE trial.
+        return "FAILED", "FAIL", "the trial failed with its own error after its run ended"
     if not running:
         return None
     if trial.state == TrialState.PRUNED and own:

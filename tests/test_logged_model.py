@@ -93,3 +93,26 @@ def test_the_final_test_metrics_are_linked_to_the_logged_model(logged):
     assert linked["test/accuracy"] == pytest.approx(outcome.test.accuracy)
     run = MlflowClient(uri).get_run(outcome.run_id)
     assert run.data.metrics["test/accuracy"] == pytest.approx(outcome.test.accuracy)
+
+
+def test_a_failed_champion_decision_leaves_no_version_and_no_finished_run(
+    tracking_uri, small_splits, monkeypatch
+):
+    """The trial fails with the decision's error, so nothing may promise it completed."""
+
+    def unreachable(*args, **kwargs):
+        raise tracking.TrackingError("the registry stopped answering")
+
+    monkeypatch.setattr(tracking, "crown_champion", unreachable)
+    with pytest.raises(tracking.TrackingError, match="stopped answering"):
+        train_and_track(
+            TrainConfig(epochs=1, hidden_sizes=(16,)),
+            small_splits,
+            experiment="failed-decision",
+            registered_model="failed-decision",
+        )
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("failed-decision").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "stopped answering" in run.data.tags[tracking.ERROR_TAG]
+    assert tracking.versions_of("failed-decision") == []

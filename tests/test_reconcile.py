@@ -96,9 +96,16 @@ def test_a_trial_failed_by_its_error_fails_its_running_run():
     assert verdict == ("FAILED", "FAIL", "the trial failed with its own error")
 
 
-@pytest.mark.parametrize("status", ["FINISHED", "FAILED", "KILLED"])
+@pytest.mark.parametrize("status", ["FAILED", "KILLED"])
 def test_a_trial_failed_by_its_error_leaves_an_ended_run_alone(status):
     assert _verdict(run(status=status), trial(TrialState.FAIL, error="ValueError: x")) is None
+
+
+def test_a_trial_failed_by_its_error_after_its_run_finished_fails_the_run():
+    # e.g. the champion decision failed after registration: a FINISHED run promises a
+    # COMPLETE trial, so it must not stay FINISHED.
+    verdict = _verdict(run(status="FINISHED"), trial(TrialState.FAIL, error="RestException: x"))
+    assert verdict == ("FAILED", "FAIL", "the trial failed with its own error after its run ended")
 
 
 def test_a_pruned_trial_kills_its_own_running_run():

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from mnist_track import tracking
 from mnist_track.tracking import (
@@ -207,6 +208,46 @@ def test_deleting_the_champion_removes_its_alias_and_it_is_recrowned(store, vers
     delete_version(MODEL, best)  # already gone: no error
     assert crown_champion(MODEL, SPLIT) == Champion(runner_up)
     assert champion() == runner_up
+
+
+def lose_the_first_race(monkeypatch, winner: str) -> list[str]:
+    """Make the next alias change lose a race, as on a tracking server: another worker
+    sets `champion` to `winner` at the same moment, and ours fails on the unique key."""
+    real = MlflowClient.set_registered_model_alias
+    calls: list[str] = []
+
+    def racing(self, name, alias, version):
+        calls.append(str(version))
+        if len(calls) == 1:
+            real(self, name, alias, winner)
+            raise MlflowException(
+                "(psycopg2.errors.UniqueViolation) duplicate key value violates unique "
+                'constraint "registered_model_alias_pk"',
+                error_code="BAD_REQUEST",
+            )
+        real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", racing)
+    return calls
+
+
+def test_a_lost_race_to_set_the_alias_is_decided_again(store, version, monkeypatch):
+    worse, _ = version(0.90)
+    best, _ = version(0.97)
+    calls = lose_the_first_race(monkeypatch, winner=worse)
+    assert crown_champion(MODEL, SPLIT, candidate=best) == Champion(best)
+    assert champion() == best
+    assert calls == [best, best]  # read again after losing, then set again
+
+
+def test_a_lost_race_to_a_better_version_is_accepted(store, version, monkeypatch):
+    best, _ = version(0.97)
+    mine, _ = version(0.90)
+    # The other worker's version is already the best: nothing to set after re-reading.
+    calls = lose_the_first_race(monkeypatch, winner=best)
+    assert crown_champion(MODEL, SPLIT, candidate=mine) == Champion(best)
+    assert champion() == best
+    assert calls == [best]
 
 
 def test_crowning_is_idempotent(store, version):
