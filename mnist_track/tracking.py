@@ -633,9 +633,9 @@ def crown_champion(name: str, split: str, candidate: str | None = None) -> Champ
         )
         best = next((v for v in comparable if valid(v)), None)
         if best is None:
-            if current is not None and not valid(current):
-                if not _lost_race(MlflowClient().delete_registered_model_alias, name):
-                    continue
+            invalid = current is not None and not valid(current)
+            if invalid and not _lost_race(MlflowClient().delete_registered_model_alias, name):
+                continue
             return Champion(None, _why_not_compared(candidate, versions, reference))
         if current is None or str(current.version) != str(best.version):
             client = MlflowClient()
