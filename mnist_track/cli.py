@@ -176,6 +176,7 @@ def train(
         options["train_limit"] = limit(train_limit)
         options["test_limit"] = limit(test_limit)
         config = load_train_config(config_path, options)
+        _start_figure_worker()
         device = _device(config.device, threads)
 
         from mnist_track import tracking
@@ -196,6 +197,12 @@ def train(
             on_epoch=EpochProgress(config.epochs, quiet),
         )
         click.echo(run_summary(outcome, registered_model, tracking.run_url(outcome.run_id)))
+
+
+def _start_figure_worker() -> None:
+    from mnist_track.plots import start_figure_worker
+
+    start_figure_worker()
 
 
 def _device(name: str, threads: int | None = None):
@@ -340,6 +347,7 @@ def tune(
             study_config = study_config.model_copy(
                 update={"sampler": study_config.sampler.model_copy(update={"seed": sampler_seed})}
             )
+        _start_figure_worker()
         torch_device = _device(study_config.train.device, threads)
 
         from mnist_track import tracking

@@ -11,6 +11,7 @@ imports neither torch nor MLflow, so a worker process that draws figures starts 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
@@ -187,19 +188,36 @@ class FigureJob:
             return render_run_figures(self.data)
 
 
+def _figure_pool() -> ProcessPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_follow_parent,
+            initargs=(os.getpid(),),
+        )
+    return _pool
+
+
+def start_figure_worker() -> None:
+    """Spawn the figure worker now and let it import matplotlib and load its fonts (about
+    a second) while this process imports torch and reads MNIST, rather than during the
+    first run's figures. Returns at once; any failure shows later as a drawing here."""
+    with contextlib.suppress(BrokenProcessPool, RuntimeError, OSError):
+        _figure_pool().submit(_warm_up)
+
+
+def _warm_up() -> None:
+    render_png(training_curves([]))
+
+
 def render_async(data: dict[str, Any]) -> FigureJob:
     """Start drawing a run's figures in a worker process (spawned once, reused), so the
     caller can log the model meanwhile: training has left both cores free."""
     global _pool
     try:
-        if _pool is None:
-            _pool = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_follow_parent,
-                initargs=(os.getpid(),),
-            )
-        return FigureJob(_pool.submit(render_run_figures, data), data)
+        return FigureJob(_figure_pool().submit(render_run_figures, data), data)
     except (BrokenProcessPool, RuntimeError, OSError):
         _pool = None
         done: Future = Future()
