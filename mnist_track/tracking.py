@@ -9,6 +9,7 @@ calls as possible.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import posixpath
@@ -306,11 +307,14 @@ def record_error(log: RunLog, error: BaseException) -> None:
         pass
 
 
-def git_commit(cwd: str | Path = ".") -> str | None:
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from (an editable install), or None
+    for an installed package; read once per process, not once per run."""
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=cwd,
+            ["git", "rev-parse", "--show-toplevel", "HEAD"],
+            cwd=PACKAGE_DIR,
             capture_output=True,
             text=True,
             timeout=5,
@@ -318,7 +322,12 @@ def git_commit(cwd: str | Path = ".") -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None
+    top, _, commit = result.stdout.strip().partition("\n")
+    # A copy installed into site-packages of a venv inside some checkout is not that
+    # checkout's code: only the package folder at the checkout's top counts.
+    if Path(top).resolve() != PACKAGE_DIR.parent:
+        return None
+    return commit.strip() or None
 
 
 def run_url(run_id: str) -> str | None:
