@@ -140,3 +140,35 @@ def test_digit_grid_shows_the_digits(raw_mnist):
     blank = np.zeros_like(raw_mnist.test_images[:4])
     empty = png_bytes(plots.digit_grid(blank, true, true, "t", columns=4))
     assert real != empty
+
+
+def run_data(report, raw_mnist, epochs: int, offset: int) -> dict:
+    images, labels = raw_mnist.test_images[offset : offset + 8], raw_mnist.test_labels[:8]
+    return {
+        "history": history(epochs),
+        "report": report,
+        "shown": (images, labels, labels),
+        "wrong": (images[:3], labels[:3], (labels[:3] + 1) % 10),
+        "wrong_total": 3,
+    }
+
+
+def test_figures_filled_again_are_the_figures_a_fresh_layout_draws(report, raw_mnist):
+    """render_run_figures reuses one layout per figure per process: the second run's
+    PNGs must be exactly what fresh figures of its data give, nothing left of the first."""
+    from dataclasses import replace
+
+    first = run_data(report, raw_mnist, epochs=5, offset=0)
+    other = replace(
+        report,
+        confusion=np.eye(10, dtype=np.int64) * 7,
+        precision=[0.5] * 10,
+        macro_f1=0.25,
+    )
+    second = run_data(other, raw_mnist, epochs=2, offset=8)
+    plots.render_run_figures(first)
+    again = plots.render_run_figures(second)
+    assert again["training_curves.png"] == png_bytes(plots.training_curves(second["history"]))
+    assert again["confusion_matrix.png"] == png_bytes(plots.confusion_matrix(other.confusion))
+    assert again["per_class_scores.png"] == png_bytes(plots.per_class_scores(other))
+    assert again != plots.render_run_figures(first)
