@@ -5,7 +5,6 @@ calls for reference."""
 
 from __future__ import annotations
 
-import io
 import statistics
 
 from benchmarks.common import Context, Figure, Stopwatch, log, temp_store, timed, warm_up_mlflow
@@ -100,18 +99,11 @@ def fixed_cost_parts(config, splits, fitted) -> dict[str, float]:
 
 
 def _render_figures(plots, result, report, splits) -> None:
-    from mnist_track.runs import to_pixels
+    from mnist_track import runs
+    from mnist_track.train import predict_logits
 
-    labels = splits.test.labels.cpu().numpy()[:32]
-    pixels = to_pixels(splits.test.images[:32])
-    for figure in (
-        plots.training_curves(result.history),
-        plots.confusion_matrix(report.confusion),
-        plots.per_class_scores(report),
-        plots.digit_grid(pixels, labels, labels, "grid"),
-        plots.digit_grid(pixels, labels, labels, "grid"),
-    ):
-        figure.savefig(io.BytesIO(), format="png")
+    logits = predict_logits(result.model, splits.test.images)
+    plots.render_run_figures(runs.figure_data(result, report, splits, logits))
 
 
 def raw_mlflow(quick: bool) -> tuple[float, float]:
