@@ -41,7 +41,7 @@ from benchmarks.common import (
 NAME = "team"
 CONFIG = REPO_ROOT / "experiments" / "quick.yaml"
 TRIALS, QUICK_TRIALS = 16, 4
-TRIAL_REPEATS, QUICK_TRIAL_REPEATS = 3, 1
+TRIAL_REPEATS, QUICK_TRIAL_REPEATS = 5, 1
 # On 2 cores: one worker uses both (torch's default), two workers one thread each.
 CORES = os.cpu_count() or 1
 

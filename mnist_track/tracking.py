@@ -268,7 +268,7 @@ def start_run(
     os.environ.pop(LAUNCHER_RUN_ENV, None)
     experiment_id = None
     if parent_run_id is not None:  # a child lives in its parent's experiment
-        experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+        experiment_id = _experiment_id_of(mlflow.get_tracking_uri(), parent_run_id)
     elif run_id is None:
         experiment_id = ensure_experiment(experiment)
     # A new run gets its tags in the call that creates it: a process killed right after
@@ -296,6 +296,13 @@ def start_run(
         raise
     else:
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+@functools.lru_cache(maxsize=64)
+def _experiment_id_of(tracking_uri: str, run_id: str) -> str:
+    """A run never moves between experiments: one request per study's parent run, not one
+    per trial."""
+    return MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
 
 
 def record_error(log: RunLog, error: BaseException) -> None:
@@ -615,8 +622,8 @@ def crown_champion(name: str, split: str, candidate: str | None = None) -> Champ
     whose run FINISHED and that were validated on the same split as the champion (or as
     `split`, when there is no valid champion). Ties go to the older version.
 
-    Any worker can recompute this, so racing workers converge: each re-reads after
-    writing and decides again until what it reads agrees with what it wrote."""
+    Any worker can recompute this, so racing workers converge: each that moves the alias
+    re-reads and decides again until what it reads agrees with what it wrote."""
     finished: dict[str, bool] = {}  # run id -> FINISHED, cached across passes
 
     def valid(version) -> bool:
@@ -646,11 +653,13 @@ def crown_champion(name: str, split: str, candidate: str | None = None) -> Champ
             if invalid and not _lost_race(MlflowClient().delete_registered_model_alias, name):
                 continue
             return Champion(None, _why_not_compared(candidate, versions, reference))
-        if current is None or str(current.version) != str(best.version):
-            client = MlflowClient()
-            if not _lost_race(client.set_registered_model_alias, name, best.version):
-                continue
         decision = Champion(str(best.version), _why_not_compared(candidate, versions, reference))
+        if current is not None and str(current.version) == str(best.version):
+            # Nothing written, so nothing another worker wrote was overwritten: no need to
+            # read again (most trials do not beat the champion).
+            return decision
+        if not _lost_race(MlflowClient().set_registered_model_alias, name, best.version):
+            continue
         settled = alias_version(name)
         if (
             settled is not None

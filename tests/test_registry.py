@@ -250,6 +250,20 @@ def test_a_lost_race_to_a_better_version_is_accepted(store, version, monkeypatch
     assert calls == [best]
 
 
+def test_a_decision_that_moves_nothing_reads_the_registry_once(store, version, monkeypatch):
+    best, _ = version(0.97)
+    crown_champion(MODEL, SPLIT)
+    worse, _ = version(0.90)
+    reads = []
+    real = tracking.versions_of
+    monkeypatch.setattr(tracking, "versions_of", lambda *a: reads.append(a) or real(*a))
+    assert crown_champion(MODEL, SPLIT, candidate=worse) == Champion(best)
+    assert len(reads) == 1
+    better, _ = version(0.99)  # this one moves the alias: read again to confirm
+    assert crown_champion(MODEL, SPLIT, candidate=better) == Champion(better)
+    assert len(reads) == 3
+
+
 def test_crowning_is_idempotent(store, version):
     version(0.90)
     best, _ = version(0.97)
