@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -15,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mnist_track.defaults import DATA_DIR_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent  # the virtual environment's bin/: mnist-track, mlflow
@@ -96,7 +97,7 @@ class Context:
 
 def data_dir() -> Path:
     """$MNIST_TRACK_DATA, else the shared offline copy beside the repository."""
-    return Path(os.environ.get("MNIST_TRACK_DATA") or REPO_ROOT.parent / "shared" / "mnist")
+    return Path(os.environ.get(DATA_DIR_ENV) or REPO_ROOT.parent / "shared" / "mnist")
 
 
 # --- timing ----------------------------------------------------------------------------
@@ -119,12 +120,6 @@ def timed(function: Callable[[], Any]) -> tuple[float, Any]:
     started = time.perf_counter()
     result = function()
     return time.perf_counter() - started, result
-
-
-def median_seconds(function: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        function()
-    return statistics.median(timed(function)[0] for _ in range(repeats))
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import TRAIN_IMAGES, Context, Figure, data_dir, log
+from mnist_track.defaults import PIXEL_MEAN, PIXEL_STD
 
 NAME = "epoch"
 REFERENCE = "torchvision MNIST + ToTensor/Normalize + DataLoader(workers=0)"
@@ -61,7 +62,7 @@ def reference_dataset(root: Path, splits, val_size: int = 5000, split_seed: int 
     from torchvision import datasets, transforms
 
     transform = transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]
+        [transforms.ToTensor(), transforms.Normalize((PIXEL_MEAN,), (PIXEL_STD,))]
     )
     dataset = datasets.MNIST(str(root), train=True, download=False, transform=transform)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(split_seed))

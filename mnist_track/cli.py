@@ -14,9 +14,14 @@ from pathlib import Path
 import click
 
 from mnist_track import __version__
+from mnist_track.defaults import (
+    CHAMPION_ALIAS,
+    DATA_DIR_ENV,
+    DEFAULT_EXPERIMENT,
+    DEFAULT_REGISTERED_MODEL,
+    STORAGE_ENV,
+)
 
-DEFAULT_EXPERIMENT = "mnist-track"
-DEFAULT_REGISTERED_MODEL = "mnist-classifier"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
@@ -72,8 +77,8 @@ def domain_errors():
 data_dir_option = click.option(
     "--data-dir",
     type=click.Path(file_okay=False),
-    envvar="MNIST_TRACK_DATA",
-    help="Folder with the four MNIST IDX files [env MNIST_TRACK_DATA; default ./data].",
+    envvar=DATA_DIR_ENV,
+    help=f"Folder with the four MNIST IDX files [env {DATA_DIR_ENV}; default ./data].",
 )
 download_option = click.option(
     "--download/--no-download",
@@ -89,8 +94,8 @@ tracking_uri_option = click.option(
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 storage_option = click.option(
     "--storage",
-    envvar="MNIST_TRACK_STORAGE",
-    help="Optuna storage URL [env MNIST_TRACK_STORAGE, which keeps a password off the "
+    envvar=STORAGE_ENV,
+    help=f"Optuna storage URL [env {STORAGE_ENV}, which keeps a password off the "
     "command line; default sqlite optuna.db beside mlflow.db].",
 )
 threads_option = click.option(
@@ -225,7 +230,7 @@ def _device(name: str, threads: int | None = None):
 @click.option(
     "--model-uri",
     "-m",
-    default=f"models:/{DEFAULT_REGISTERED_MODEL}@champion",
+    default=f"models:/{DEFAULT_REGISTERED_MODEL}@{CHAMPION_ALIAS}",
     show_default=True,
     help="Any MLflow model URI: models:/NAME/3, runs:/ID/model, ...",
 )
@@ -387,7 +392,7 @@ def _storage_url(storage: str | None, tracking_uri: str) -> str:
     if url is None:
         raise click.UsageError(
             f"the tracking store {redact_url(tracking_uri)!r} (MLFLOW_TRACKING_URI / "
-            "--tracking-uri) is shared, so the study must be too: set MNIST_TRACK_STORAGE "
+            f"--tracking-uri) is shared, so the study must be too: set {STORAGE_ENV} "
             "or --storage to a database every worker reaches, e.g. "
             "postgresql+psycopg2://user@host/optuna"
         )
@@ -439,7 +444,7 @@ def studies(storage, tracking_uri) -> None:
 @main.command()
 @click.argument("registered_model")
 @click.argument("version")
-@click.option("--alias", default="champion", show_default=True)
+@click.option("--alias", default=CHAMPION_ALIAS, show_default=True)
 @tracking_uri_option
 def promote(registered_model, version, alias, tracking_uri) -> None:
     """Point ALIAS of REGISTERED_MODEL at VERSION by hand."""

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mnist_track.defaults import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL, TRAIN_SIZE
 from mnist_track.errors import MnistTrackError
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -53,8 +54,10 @@ class TrainConfig(_Frozen):
     def _cnn_needs_channels(self) -> TrainConfig:
         if self.model == "cnn" and not self.channels:
             raise ValueError("a CNN needs at least one entry in 'channels'")
-        if self.val_size >= 60000:
-            raise ValueError("val_size must leave training images (the training set has 60000)")
+        if self.val_size >= TRAIN_SIZE:
+            raise ValueError(
+                f"val_size must leave training images (the training set has {TRAIN_SIZE})"
+            )
         return self
 
     def to_params(self) -> dict[str, str]:
@@ -135,8 +138,8 @@ class StudyConfig(_Frozen):
     """An Optuna study: what to search, how long, and where its models go."""
 
     study_name: str = Field(min_length=1)
-    registered_model: str = Field("mnist-classifier", min_length=1)
-    experiment: str = Field("mnist-track", min_length=1)
+    registered_model: str = Field(DEFAULT_REGISTERED_MODEL, min_length=1)
+    experiment: str = Field(DEFAULT_EXPERIMENT, min_length=1)
     objective: Literal["validation_accuracy"] = "validation_accuracy"  # maximized
     n_trials: PositiveInt | None = 20
     timeout: float | None = Field(None, gt=0)  # seconds for this invocation

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mnist_track.defaults import DATA_DIR_ENV, PIXEL_MEAN, PIXEL_STD, TEST_SIZE, TRAIN_SIZE
 from mnist_track.errors import MnistTrackError
 
-DATA_DIR_ENV = "MNIST_TRACK_DATA"
 DEFAULT_DATA_DIR = "data"
 
 # sha256 of the *decompressed* bytes: one of the shared gzip files was recompressed, so
@@ -30,20 +30,15 @@ MNIST_FILES = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-TRAIN_SIZE = 60000
 # Decompressed size of each file (header + records): a file that inflates to more is
 # refused as soon as it passes this, so a gzip bomb never fills memory.
 MNIST_SIZES = {
-    "train-images-idx3-ubyte": 16 + 60000 * 28 * 28,
-    "train-labels-idx1-ubyte": 8 + 60000,
-    "t10k-images-idx3-ubyte": 16 + 10000 * 28 * 28,
-    "t10k-labels-idx1-ubyte": 8 + 10000,
+    "train-images-idx3-ubyte": 16 + TRAIN_SIZE * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + TRAIN_SIZE,
+    "t10k-images-idx3-ubyte": 16 + TEST_SIZE * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + TEST_SIZE,
 }
 READ_CHUNK = 1 << 20
-
-# Mean and standard deviation of the training pixels scaled to 0..1.
-PIXEL_MEAN = 0.1307
-PIXEL_STD = 0.3081
 
 
 class DataError(MnistTrackError, RuntimeError):

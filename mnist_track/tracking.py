@@ -35,6 +35,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
 from mnist_track.coordination import creating_store
+from mnist_track.defaults import CHAMPION_ALIAS
 from mnist_track.errors import MnistTrackError
 from mnist_track.redact import redact_text, redact_url
 
@@ -44,7 +45,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # in a study that is two per trial. Summaries give the one link that matters (`run_url`).
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
-CHAMPION_ALIAS = "champion"
 LAUNCHER_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the entry point's process
 MODEL_NAME_IN_RUN = "model"
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -1,0 +1,16 @@
+"""Names and numbers that several modules share. It imports nothing, so the command line
+can use them at load time without importing torch, MLflow or Optuna."""
+
+DEFAULT_EXPERIMENT = "mnist-track"
+DEFAULT_REGISTERED_MODEL = "mnist-classifier"
+CHAMPION_ALIAS = "champion"  # the alias that follows the best version (`models:/NAME@champion`)
+
+DATA_DIR_ENV = "MNIST_TRACK_DATA"  # folder of the four IDX files
+STORAGE_ENV = "MNIST_TRACK_STORAGE"  # the Optuna storage URL, kept off command lines
+
+TRAIN_SIZE = 60000  # images in MNIST's training file (split into train and validation)
+TEST_SIZE = 10000
+
+# Mean and standard deviation of the training pixels scaled to 0..1.
+PIXEL_MEAN = 0.1307
+PIXEL_STD = 0.3081
