@@ -82,10 +82,10 @@ def reference_epoch_seconds(
     from torch.utils.data import DataLoader
 
     from mnist_track.config import TrainConfig
-    from mnist_track.models import build_model
+    from mnist_track.models import architecture_of, build_model
 
     torch.manual_seed(0)
-    model = build_model(TrainConfig()).to(device)
+    model = build_model(architecture_of(TrainConfig())).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
 

@@ -53,14 +53,10 @@ def candidates():
 
 def evaluation_seconds(config, splits, repeats: int = 3) -> float:
     """One test-set evaluation of a network of this architecture, as `fit` runs it."""
-    import torch
 
-    from mnist_track.models import build_model
-    from mnist_track.train import evaluate_loss_accuracy
+    from mnist_track.train import evaluate_loss_accuracy, prepare_model
 
-    model = build_model(config).to(splits.train.images.device)
-    if config.model == "cnn" and splits.train.images.device.type != "mps":
-        model = model.to(memory_format=torch.channels_last)  # as fit does
+    model = prepare_model(config, splits.train.images.device)
     evaluate_loss_accuracy(model, splits.test)  # warm-up
     return statistics.median(
         timed(lambda: evaluate_loss_accuracy(model, splits.test))[0] for _ in range(repeats)
@@ -92,7 +88,7 @@ def train_until(config, splits, target: float) -> dict:
 
 
 def describe(config) -> str:
-    from mnist_track.runs import describe_architecture
+    from mnist_track.models import describe_architecture
 
     return (
         f"{describe_architecture(config)}, dropout {config.dropout}, {config.optimizer} "

@@ -39,7 +39,8 @@ def tracked_trial(config, splits) -> float:
 def fixed_cost_parts(config, splits, fitted) -> dict[str, float]:
     """Seconds of each part of train_and_track's MLflow work, in order, in one run."""
     from mnist_track import plots, runs, tracking
-    from mnist_track.models import architecture_of
+    from mnist_track.data import to_pixels
+    from mnist_track.models import architecture_of, describe_architecture
 
     result, logits, report = fitted
     parts: dict[str, float] = {}
@@ -69,7 +70,7 @@ def fixed_cost_parts(config, splits, fitted) -> dict[str, float]:
         lambda: tracking.log_model(
             result.model.state_dict(),
             architecture_of(config),
-            example_pixels=runs.to_pixels(splits.test.images[:1]).reshape(1, -1),
+            example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
         )
     )
     parts["model logging (pyfunc, safetensors)"] = seconds
@@ -84,7 +85,7 @@ def fixed_cost_parts(config, splits, fitted) -> dict[str, float]:
                 tracking.VALIDATION_SPLIT_TAG: splits.validation_digest,
                 "test_accuracy": report.accuracy,
                 "run_id": run_log.run_id,
-                "architecture": runs.describe_architecture(config),
+                "architecture": describe_architecture(config),
             },
         )
     )

@@ -231,6 +231,13 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return images * (1.0 / (255.0 * PIXEL_STD)) - PIXEL_MEAN / PIXEL_STD
 
 
+def to_pixels(images: torch.Tensor) -> np.ndarray:
+    """Normalized images back to uint8 pixels (N, 28, 28), for plots and input examples:
+    the inverse of `normalize_pixels`."""
+    pixels = (images.detach().cpu().float() * PIXEL_STD + PIXEL_MEAN) * 255.0
+    return pixels.round().clamp(0, 255).to(torch.uint8).reshape(-1, 28, 28).numpy()
+
+
 def validation_digest(val_size: int, split_seed: int) -> str:
     """Names the validation images: the verified training files plus the split settings.
     Two runs with the same digest were validated on the same images, so their validation

@@ -18,13 +18,7 @@ IMAGE_SIDE = 28
 
 def build_mlp(hidden_sizes: Sequence[int], dropout: float) -> nn.Sequential:
     """Flatten, then Linear+ReLU+Dropout per hidden layer, then a Linear to 10 logits."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = IMAGE_SIDE * IMAGE_SIDE
-    for size in hidden_sizes:
-        layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
-        width = size
-    layers.append(nn.Linear(width, N_CLASSES))
-    return nn.Sequential(*layers)
+    return nn.Sequential(nn.Flatten(), *_dense_head(IMAGE_SIDE * IMAGE_SIDE, hidden_sizes, dropout))
 
 
 def build_cnn(
@@ -42,12 +36,18 @@ def build_cnn(
         ]
         in_channels, side = out_channels, side // 2
     layers += [nn.Flatten(), nn.Dropout(dropout)]
-    width = in_channels * side * side
+    layers += _dense_head(in_channels * side * side, hidden_sizes, dropout)
+    return nn.Sequential(*layers)
+
+
+def _dense_head(width: int, hidden_sizes: Sequence[int], dropout: float) -> list[nn.Module]:
+    """Linear+ReLU+Dropout per hidden size, then a Linear to the 10 logits."""
+    layers: list[nn.Module] = []
     for size in hidden_sizes:
         layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
         width = size
     layers.append(nn.Linear(width, N_CLASSES))
-    return nn.Sequential(*layers)
+    return layers
 
 
 def architecture_of(config: Any) -> dict[str, Any]:
@@ -62,10 +62,17 @@ def architecture_of(config: Any) -> dict[str, Any]:
     return architecture
 
 
+def describe_architecture(config: Any) -> str:
+    """The network's shape in one line, e.g. 784-128-64-10 or c16-c32-128-10."""
+    if config.model == "mlp":
+        return "-".join(map(str, (IMAGE_SIDE * IMAGE_SIDE, *config.hidden_sizes, N_CLASSES)))
+    conv = "-".join(f"c{c}" for c in config.channels)
+    return "-".join([conv, *map(str, config.hidden_sizes), str(N_CLASSES)])
+
+
 def build_model(architecture: Mapping[str, Any]) -> nn.Sequential:
-    """The one place a network is built: from `architecture_of(config)` or a TrainConfig."""
-    if not isinstance(architecture, Mapping):
-        architecture = architecture_of(architecture)
+    """The one place a network is built: from plain architecture data (`architecture_of`
+    a TrainConfig, or the architecture.json of a logged model)."""
     family = architecture["model"]
     if family == "mlp":
         return build_mlp(architecture["hidden_sizes"], architecture["dropout"])

@@ -15,10 +15,10 @@ import torch
 
 from mnist_track import plots, tracking
 from mnist_track.config import TrainConfig
-from mnist_track.data import PIXEL_MEAN, PIXEL_STD, MnistSplits
+from mnist_track.data import MnistSplits, to_pixels
 from mnist_track.faults import fault_point
 from mnist_track.metrics import ClassificationReport, classification_report
-from mnist_track.models import architecture_of, count_parameters
+from mnist_track.models import architecture_of, count_parameters, describe_architecture
 from mnist_track.train import EpochMetrics, FitResult, fit, predict_logits
 
 GRID_SIZE = 32  # digits per prediction grid
@@ -63,13 +63,6 @@ def run_tags(config: TrainConfig, splits: MnistSplits) -> dict[str, Any]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
-
-
-def describe_architecture(config: TrainConfig) -> str:
-    if config.model == "mlp":
-        return "-".join(map(str, (784, *config.hidden_sizes, 10)))
-    conv = "-".join(f"c{c}" for c in config.channels)
-    return "-".join([conv, *map(str, config.hidden_sizes), "10"])
 
 
 def _always_wanted() -> bool:
@@ -207,9 +200,3 @@ def figure_data(
         "wrong": (to_pixels(splits.test.images[wrong]), labels[wrong], predicted[wrong]),
         "wrong_total": len(all_wrong),
     }
-
-
-def to_pixels(images: torch.Tensor) -> np.ndarray:
-    """Normalized images back to uint8 pixels (N, 28, 28), for plots and input examples."""
-    pixels = (images.detach().cpu().float() * PIXEL_STD + PIXEL_MEAN) * 255.0
-    return pixels.round().clamp(0, 255).to(torch.uint8).reshape(-1, 28, 28).numpy()

@@ -56,6 +56,7 @@ ARCHITECTURE_FILE = "architecture.json"
 # upload to a tracking server, and the rest of the package is not the model's business).
 SERVED_MODULES = (
     "__init__.py",
+    "defaults.py",
     "errors.py",
     "data.py",
     "models.py",

@@ -15,7 +15,8 @@ from mlflow import MlflowClient
 
 from mnist_track import tracking
 from mnist_track.config import TrainConfig
-from mnist_track.runs import to_pixels, train_and_track
+from mnist_track.data import to_pixels
+from mnist_track.runs import train_and_track
 
 
 @pytest.fixture(scope="module")

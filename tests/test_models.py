@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from mnist_track.config import TrainConfig
-from mnist_track.models import architecture_of, build_model, count_parameters
+from mnist_track.models import (
+    architecture_of,
+    build_model,
+    count_parameters,
+    describe_architecture,
+)
 
 
 def layers_of(model: nn.Module, kind: type[nn.Module]) -> list[nn.Module]:
@@ -17,7 +22,7 @@ def layers_of(model: nn.Module, kind: type[nn.Module]) -> list[nn.Module]:
 
 
 def test_default_mlp_is_the_classic_784_128_64_10():
-    model = build_model(TrainConfig())
+    model = build_model(architecture_of(TrainConfig()))
     linears = layers_of(model, nn.Linear)
     assert [(layer.in_features, layer.out_features) for layer in linears] == [
         (784, 128),
@@ -44,7 +49,9 @@ def test_mlp_without_hidden_layers_is_logistic_regression():
 
 
 def test_cnn_layers():
-    model = build_model(TrainConfig(model="cnn", channels=(16, 32), hidden_sizes=(128,)))
+    model = build_model(
+        architecture_of(TrainConfig(model="cnn", channels=(16, 32), hidden_sizes=(128,)))
+    )
     convs = layers_of(model, nn.Conv2d)
     assert [(conv.in_channels, conv.out_channels) for conv in convs] == [(1, 16), (16, 32)]
     assert all(conv.kernel_size == (3, 3) for conv in convs)
@@ -73,7 +80,7 @@ def test_cnn_with_one_block():
     ids=["mlp", "mlp-deep", "cnn", "cnn-3-blocks"],
 )
 def test_output_is_logits_n_by_10(config):
-    model = build_model(config).eval()
+    model = build_model(architecture_of(config)).eval()
     with torch.no_grad():
         logits = model(torch.randn(5, 1, 28, 28))
     assert logits.shape == (5, 10)
@@ -98,7 +105,7 @@ def test_architecture_round_trip(config):
     assert restored["dropout"] == config.dropout
 
     torch.manual_seed(0)
-    original = build_model(config).eval()
+    original = build_model(architecture).eval()
     rebuilt = build_model(restored).eval()
     assert [(k, v.shape) for k, v in original.state_dict().items()] == [
         (k, v.shape) for k, v in rebuilt.state_dict().items()
@@ -117,3 +124,15 @@ def test_architecture_of_mlp_has_no_channels():
 def test_unknown_family_raises():
     with pytest.raises(ValueError, match="resnet"):
         build_model({"model": "resnet", "hidden_sizes": [], "dropout": 0.0})
+
+
+@pytest.mark.parametrize(
+    ("config", "described"),
+    [
+        (TrainConfig(), "784-128-64-10"),
+        (TrainConfig(hidden_sizes=()), "784-10"),
+        (TrainConfig(model="cnn", channels=(16, 32), hidden_sizes=(128,)), "c16-c32-128-10"),
+    ],
+)
+def test_describe_architecture(config, described):
+    assert describe_architecture(config) == described
