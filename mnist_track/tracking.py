@@ -25,19 +25,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
-from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from mnist_track.coordination import creating_store
 from mnist_track.defaults import CHAMPION_ALIAS
 from mnist_track.errors import MnistTrackError
 from mnist_track.redact import redact_text, redact_url
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Artifact transfers are local and fast; their progress bars only clutter the output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -207,8 +210,9 @@ class RunLog:
         if self.adopted:
             existing = self.client.get_run(self.run_id).data.params
             items = [item for item in items if item.key not in existing]
-        for start in range(0, len(items), 100):  # MLflow's per-batch limit for params
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            batch = items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+            self.client.log_batch(self.run_id, params=batch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -224,8 +228,9 @@ class RunLog:
             Metric(key, float(value), now, step, model_id=model_id)
             for key, value in metrics.items()
         ]
-        for start in range(0, len(items), 1000):  # MLflow's per-batch limit for metrics
-            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+        for start in range(0, len(items), MAX_METRICS_PER_BATCH):
+            batch = items[start : start + MAX_METRICS_PER_BATCH]
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def log_figure(self, figure: Figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
@@ -284,9 +289,10 @@ def start_run(
         tags=creation_tags,
     )
     log = RunLog(active.info.run_id, MlflowClient(), adopted=adopted)
-    if tags and creation_tags is None:
-        log.set_tags(tags)
     try:
+        # Inside the try: a run whose tags cannot be set still ends (FAILED), never RUNNING.
+        if tags and creation_tags is None:
+            log.set_tags(tags)
         yield log
     except killed_on:
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
@@ -353,15 +359,11 @@ def run_log(run_id: str) -> RunLog:
     return RunLog(run_id, MlflowClient(), adopted=run_id == launcher_run_id())
 
 
-_launcher_run: list[str | None] = []
-
-
+@functools.cache
 def launcher_run_id() -> str | None:
     """The run `mlflow run` started for this process, if any (read once: start_run removes
     the variable so that MLflow does not reuse it)."""
-    if not _launcher_run:
-        _launcher_run.append(os.environ.get(LAUNCHER_RUN_ENV))
-    return _launcher_run[0]
+    return os.environ.get(LAUNCHER_RUN_ENV)
 
 
 def create_run(experiment: str, run_name: str, tags: Mapping[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 from conftest import REPO_ROOT
 
 from mnist_track import tracking
@@ -33,3 +34,69 @@ def test_a_package_outside_a_checkout_has_no_commit(tmp_path, monkeypatch):
         assert tracking.git_commit() is None
     finally:
         tracking.git_commit.cache_clear()
+
+
+# --- start_run's end states ------------------------------------------------------------
+
+
+def ended(run_id: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_run(run_id)
+
+
+def test_a_run_that_returns_ends_finished_with_its_tags(tracking_uri):
+    with tracking.start_run("states", "ok", tags={"kind": "test"}) as log:
+        log.log_metrics({"m": 1.0})
+    run = ended(log.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["kind"] == "test"
+    assert run.data.metrics == {"m": 1.0}
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_a_run_stopped_by_a_killed_on_exception_ends_killed(tracking_uri, interrupt):
+    with (
+        pytest.raises(interrupt),
+        tracking.start_run("states", killed_on=(KeyboardInterrupt, SystemExit)) as log,
+    ):
+        raise interrupt()
+    assert ended(log.run_id).info.status == "KILLED"
+    assert tracking.ERROR_TAG not in ended(log.run_id).data.tags
+
+
+def test_a_run_that_raises_ends_failed_with_the_error_recorded(tracking_uri):
+    from mlflow import MlflowClient
+
+    with pytest.raises(ValueError, match="bad batch"), tracking.start_run("states") as log:
+        raise ValueError("bad batch")
+    run = ended(log.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tracking.ERROR_TAG] == "ValueError: bad batch"
+    [artifact] = MlflowClient().list_artifacts(log.run_id)
+    assert artifact.path == "error.txt"
+
+
+def test_a_resumed_run_whose_tags_cannot_be_set_ends_failed(tracking_uri, monkeypatch):
+    with tracking.start_run("states") as first:
+        pass
+
+    def refuse(self, tags):
+        raise tracking.TrackingError("the server refused the tags")
+
+    monkeypatch.setattr(tracking.RunLog, "set_tags", refuse)
+    with (
+        pytest.raises(tracking.TrackingError),
+        tracking.start_run("states", run_id=first.run_id, tags={"again": 1}),
+    ):
+        pass
+    assert ended(first.run_id).info.status == "FAILED"
+
+
+def test_the_tracking_module_does_not_import_matplotlib():
+    """`promote`, `predict` and `studies` import tracking: matplotlib would cost them."""
+    import sys
+
+    code = "import sys, mnist_track.tracking; print('matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
