@@ -342,16 +342,10 @@ def tune(
                 "study_name": study_name or None,
                 "experiment": experiment,
                 "registered_model": registered_model,
+                "train.device": device,
+                "sampler.seed": sampler_seed,
             },
         )
-        if device:
-            study_config = study_config.model_copy(
-                update={"train": study_config.train.model_copy(update={"device": device})}
-            )
-        if sampler_seed is not None:
-            study_config = study_config.model_copy(
-                update={"sampler": study_config.sampler.model_copy(update={"seed": sampler_seed})}
-            )
         _start_figure_worker()
         torch_device = _device(study_config.train.device, threads)
 

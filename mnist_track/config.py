@@ -223,11 +223,23 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
 
 
 def load_study_config(path: str | Path, overrides: dict[str, Any]) -> StudyConfig:
-    """A StudyConfig from YAML; CLI overrides (None values are ignored) win over the file."""
+    """A StudyConfig from YAML; CLI overrides (None values are ignored) win over the file
+    and are validated with it. A dotted key reaches into a section: `train.device`."""
     data = _read_yaml(path)
-    data.update({key: value for key, value in overrides.items() if value is not None})
+    for key, value in overrides.items():
+        if value is not None:
+            _override(data, key.split("."), value)
     data.setdefault("study_name", Path(path).stem)
     return _validate(StudyConfig, data, path)
+
+
+def _override(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    *sections, leaf = keys
+    for section in sections:
+        data = data.setdefault(section, {})
+        if not isinstance(data, dict):
+            return  # the file's section is no mapping: validation names it
+    data[leaf] = value
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:

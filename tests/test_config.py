@@ -391,3 +391,18 @@ def test_shipped_experiment_files_load(path):
         assert getattr(study.train, key) == expected, key
     # The train command reads the same file's train: section.
     assert load_train_config(path, {}) == study.train
+
+
+def test_dotted_overrides_reach_into_sections_and_are_validated(tmp_path):
+    from mnist_track.config import ConfigError, load_study_config
+
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        "n_trials: 2\ntrain: {epochs: 1}\n"
+        "search_space: {lr: {type: float, low: 0.001, high: 0.01}}\n"
+    )
+    config = load_study_config(path, {"train.device": "cpu", "sampler.seed": 7, "timeout": None})
+    assert (config.train.device, config.train.epochs, config.sampler.seed) == ("cpu", 1, 7)
+    assert config.sampler.type == "tpe"  # a section the file did not have gets its defaults
+    with pytest.raises(ConfigError, match="sampler.seed"):
+        load_study_config(path, {"sampler.seed": -1})
