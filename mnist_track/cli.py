@@ -354,7 +354,9 @@ def tune(
         from mnist_track.data import load_mnist, splits_for
         from mnist_track.tune import run_study
 
-        storage_url = _storage_url(storage, tracking.use_tracking_uri(tracking_uri))
+        # A usage error (no shared storage for a shared store) comes before any request.
+        storage_url = _storage_url(storage, tracking.resolve_tracking_uri(tracking_uri))
+        tracking.use_tracking_uri(tracking_uri)
         train_config = study_config.train
         raw = load_mnist(data_dir, download=download)
         splits = splits_for(raw, train_config, torch_device)
