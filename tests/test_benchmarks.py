@@ -8,7 +8,11 @@ import math
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT, cli_env
+
+# Subprocesses that import torch and MLflow: not the one-minute unit tier.
+pytestmark = pytest.mark.e2e
 
 
 def test_quick_benchmarks_write_numeric_report(tmp_path):

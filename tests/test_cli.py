@@ -79,7 +79,7 @@ def test_reading_commands_refuse_a_store_that_does_not_exist(cli, tmp_path):
 # --- the commands ------------------------------------------------------------------------
 
 
-def test_train_prints_its_run_and_crowns_the_first_version(cli, tracking_uri):
+def test_train_prints_its_run_and_crowns_the_first_version(cli, migrated_store):
     result = cli("train", *TINY_TRAIN)
     assert result.exit_code == 0, result.output
     assert "validation accuracy" in result.output
@@ -91,7 +91,7 @@ def test_train_prints_its_run_and_crowns_the_first_version(cli, tracking_uri):
     assert run.data.params["hidden_sizes"] == "32"
 
 
-def test_a_study_then_its_listing_a_resume_and_a_promotion(cli, tmp_path):
+def test_a_study_then_its_listing_a_resume_and_a_promotion(cli, migrated_store, tmp_path):
     config = tiny_study(tmp_path, "cli-study", n_trials=2, registered_model="cli-model")
     result = cli("tune", str(config), "--no-download")
     assert result.exit_code == 0, result.output

@@ -324,6 +324,7 @@ OPENER = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e  # worker processes importing MLflow and Optuna
 def test_workers_starting_together_on_fresh_sqlite_stores_all_get_in(tmp_path):
     # MLflow migrates a new mlflow.db in ~1 s; unguarded, a second process starting then
     # fails with "table _alembic_tmp_experiments already exists".

@@ -58,6 +58,7 @@ def test_the_model_carries_only_the_served_modules(logged):
     assert files == set(tracking.SERVED_MODULES)  # no __pycache__, no CLI, no tuner
 
 
+@pytest.mark.e2e  # loads the model in a fresh interpreter
 def test_the_served_modules_are_enough_to_load_and_predict(logged, small_splits, tmp_path):
     """In a fresh interpreter that cannot import the installed package: the model's own
     code/ folder must hold everything its loader imports."""

@@ -114,6 +114,7 @@ def plant(model: Path, marker: Path) -> None:
     (model / "code" / "mnist_track" / "planted.py").write_text(code)
 
 
+@pytest.mark.e2e  # `mnist-track predict` as a subprocess
 def test_a_logged_model_predicts_as_its_pyfunc_model(store):
     """Version 2 holds version 1's weights; without its code it still predicts the same."""
     model = model_folder(store["version-2"])
@@ -124,6 +125,7 @@ def test_a_logged_model_predicts_as_its_pyfunc_model(store):
     assert_same(found, pyfunc_predictions(f"models:/{MODEL}/1", store["pixels"]))
 
 
+@pytest.mark.e2e  # `mnist-track predict` as a subprocess
 def test_code_planted_in_a_logged_model_never_runs(store, tmp_path):
     marker = tmp_path / "ran"
     plant(model_folder(store["copy"]), marker)
@@ -148,6 +150,7 @@ def mismatched_weights(model: Path) -> None:
     (model / "artifacts" / "architecture.json").write_text(json.dumps(architecture))
 
 
+@pytest.mark.e2e  # `mnist-track predict` as a subprocess
 @pytest.mark.parametrize(
     ("doctor", "reason"),
     [
@@ -167,6 +170,7 @@ def test_an_altered_model_is_refused(store, tmp_path, doctor, reason):
     assert not marker.exists()
 
 
+@pytest.mark.e2e  # `mnist-track predict` as a subprocess
 def test_a_foreign_sklearn_model_is_refused(store):
     from sklearn.linear_model import LogisticRegression
 

@@ -5,7 +5,6 @@ created with MlflowClient and versions point at cheap logged-model records."""
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
 from mlflow import MlflowClient
@@ -31,19 +30,9 @@ SPLIT = "split-a"
 OTHER_SPLIT = "split-b"
 
 
-@pytest.fixture(scope="module")
-def migrated_store(tmp_path_factory):
-    """An MLflow SQLite database with its tables created once (creating them takes about a
-    second; copying the file takes milliseconds)."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
-    return path
-
-
 @pytest.fixture
-def store(tracking_uri, tmp_path, migrated_store):
+def store(migrated_store):
     """The conftest's fresh store in tmp_path, starting from the migrated template."""
-    shutil.copy(migrated_store, tmp_path / "mlflow.db")
     return MlflowClient()
 
 

@@ -45,7 +45,7 @@ def ended(run_id: str):
     return MlflowClient().get_run(run_id)
 
 
-def test_a_run_that_returns_ends_finished_with_its_tags(tracking_uri):
+def test_a_run_that_returns_ends_finished_with_its_tags(migrated_store):
     with tracking.start_run("states", "ok", tags={"kind": "test"}) as log:
         log.log_metrics({"m": 1.0})
     run = ended(log.run_id)
@@ -55,7 +55,7 @@ def test_a_run_that_returns_ends_finished_with_its_tags(tracking_uri):
 
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
-def test_a_run_stopped_by_a_killed_on_exception_ends_killed(tracking_uri, interrupt):
+def test_a_run_stopped_by_a_killed_on_exception_ends_killed(migrated_store, interrupt):
     with (
         pytest.raises(interrupt),
         tracking.start_run("states", killed_on=(KeyboardInterrupt, SystemExit)) as log,
@@ -65,7 +65,7 @@ def test_a_run_stopped_by_a_killed_on_exception_ends_killed(tracking_uri, interr
     assert tracking.ERROR_TAG not in ended(log.run_id).data.tags
 
 
-def test_a_run_that_raises_ends_failed_with_the_error_recorded(tracking_uri):
+def test_a_run_that_raises_ends_failed_with_the_error_recorded(migrated_store):
     from mlflow import MlflowClient
 
     with pytest.raises(ValueError, match="bad batch"), tracking.start_run("states") as log:
@@ -77,7 +77,7 @@ def test_a_run_that_raises_ends_failed_with_the_error_recorded(tracking_uri):
     assert artifact.path == "error.txt"
 
 
-def test_a_resumed_run_whose_tags_cannot_be_set_ends_failed(tracking_uri, monkeypatch):
+def test_a_resumed_run_whose_tags_cannot_be_set_ends_failed(migrated_store, monkeypatch):
     with tracking.start_run("states") as first:
         pass
 

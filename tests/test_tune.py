@@ -66,3 +66,81 @@ def test_the_objective_keeps_no_fitted_model_between_trials(monkeypatch):
     gc.collect()
     assert len(models) == 3
     assert [ref() for ref in models] == [None, None, None]
+
+
+# --- suggest_config ----------------------------------------------------------------------
+
+
+def spaced(**search_space) -> StudyConfig:
+    """A validated StudyConfig over the default TrainConfig with this search space."""
+    return StudyConfig.model_validate({"study_name": "s", "search_space": search_space})
+
+
+def test_sampled_values_lay_over_the_fixed_settings():
+    config = spaced(
+        lr={"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        dropout={"type": "float", "low": 0.0, "high": 0.5},
+        batch_size={"type": "categorical", "choices": [64, 256]},
+    )
+    suggested = tune.suggest_config(
+        optuna.trial.FixedTrial({"lr": 3e-3, "dropout": 0.25, "batch_size": 256}), config
+    )
+    assert (suggested.lr, suggested.dropout, suggested.batch_size) == (3e-3, 0.25, 256)
+    assert suggested.hidden_sizes == config.train.hidden_sizes  # not searched: fixed
+    assert suggested.epochs == config.train.epochs
+
+
+def test_a_layer_count_and_per_layer_sizes_build_the_hidden_sizes():
+    config = spaced(
+        hidden_layers={"type": "int", "low": 1, "high": 3},
+        hidden_units={"type": "int", "low": 16, "high": 512, "log": True},
+    )
+    fixed = {"hidden_layers": 3, "hidden_units_l0": 300, "hidden_units_l1": 100}
+    fixed["hidden_units_l2"] = 20
+    assert tune.suggest_config(optuna.trial.FixedTrial(fixed), config).hidden_sizes == (
+        300,
+        100,
+        20,
+    )
+
+
+def test_only_the_depth_searched_repeats_the_last_fixed_size():
+    config = spaced(hidden_layers={"type": "int", "low": 1, "high": 4})  # fixed 128, 64
+    deeper = tune.suggest_config(optuna.trial.FixedTrial({"hidden_layers": 4}), config)
+    assert deeper.hidden_sizes == (128, 64, 64, 64)
+    shallower = tune.suggest_config(optuna.trial.FixedTrial({"hidden_layers": 1}), config)
+    assert shallower.hidden_sizes == (128,)
+
+
+def test_conv_channels_per_block_for_the_cnn():
+    config = StudyConfig.model_validate(
+        {
+            "study_name": "s",
+            "train": {"model": "cnn"},
+            "search_space": {
+                "conv_layers": {"type": "int", "low": 1, "high": 2},
+                "conv_channels": {"type": "int", "low": 8, "high": 64},
+            },
+        }
+    )
+    fixed = {"conv_layers": 2, "conv_channels_l0": 12, "conv_channels_l1": 40}
+    suggested = tune.suggest_config(optuna.trial.FixedTrial(fixed), config)
+    assert (suggested.model, suggested.channels) == ("cnn", (12, 40))
+
+
+# --- samplers and pruners ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pruner", "kind"),
+    [("median", optuna.pruners.MedianPruner), ("hyperband", optuna.pruners.HyperbandPruner),
+     ("none", optuna.pruners.NopPruner)],
+)  # fmt: skip
+def test_make_pruner(pruner, kind):
+    config = StudyConfig.model_validate(
+        {"study_name": "s", "pruner": {"type": pruner}, "search_space": {"lr": LR_SPACE}}
+    )
+    assert isinstance(tune.make_pruner(config), kind)
+
+
+LR_SPACE = {"type": "float", "low": 1e-3, "high": 1e-2}
