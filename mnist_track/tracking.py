@@ -1,5 +1,6 @@
-"""The only module that talks to MLflow: runs, params, metrics, figures, the model, the
-Model Registry and its aliases.
+"""Everything mnist-track asks of MLflow's tracking store and registry: runs, params,
+metrics, figures, the model, the Model Registry and its aliases. (The served model,
+serving.py and model_code.py, imports MLflow too: a pyfunc model must.)
 
 Run lifecycle goes through MLflow's fluent API (model logging needs an active run);
 everything else goes through `MlflowClient` with explicit run ids, batched into as few
