@@ -10,6 +10,8 @@ import sys
 
 import click
 
+from mnist_track.defaults import CHAMPION_ALIAS
+
 
 class EpochProgress:
     """An `on_epoch` callback that prints one line per epoch."""
@@ -97,7 +99,7 @@ def study_summary(result, registered_model: str, parent_url: str | None = None) 
         f"    validation accuracy {best.value:.4f}",
         f"    test accuracy       {best.user_attrs.get('test_accuracy', float('nan')):.4f}",
         f"    model version       {best.user_attrs.get('model_version')}",
-        f"  serve the champion:   models:/{registered_model}@champion",
+        f"  serve the champion:   models:/{registered_model}@{CHAMPION_ALIAS}",
     ]
     return "\n".join(lines)
 
