@@ -18,8 +18,8 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
@@ -272,6 +272,16 @@ class FigureJob:
         except BrokenProcessPool:
             _pool = None
             return render_run_figures(self.data)
+
+    def then(self, use: Callable[[dict[str, bytes]], None]) -> Future:
+        """Hand the PNGs to `use` (an upload) in a background thread as soon as they are
+        drawn, so the caller logs the model meanwhile; the Future says when it is done
+        and raises what `use` raised."""
+        return _uploads.submit(lambda: use(self.pngs()))
+
+
+# One thread for the uploads: a run's figures go up while its model is logged.
+_uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="figure-upload")
 
 
 def _figure_pool() -> ProcessPoolExecutor:

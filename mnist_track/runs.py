@@ -100,10 +100,11 @@ def train_and_track(
         fault_point("after_run_creation")
         if on_start is not None:
             on_start(log.run_id)
-        log.log_params(config.to_params())
+        # In the background while training runs; flushed before the model is logged.
+        log.log_params(config.to_params(), background=True)
 
         def log_epoch(epoch: EpochMetrics) -> None:
-            log.log_metrics(epoch.as_dict(), step=epoch.epoch)
+            log.log_metrics(epoch.as_dict(), step=epoch.epoch, background=True)
             fault_point("mid_training")
             if on_epoch is not None:
                 on_epoch(epoch)
@@ -112,15 +113,25 @@ def train_and_track(
         logits = predict_logits(result.model, splits.test.images)
         report = classification_report(logits, splits.test.labels)
         figures = figure_data(result, report, splits, logits)
-        drawing = plots.render_async(figures)
-        model_uri = tracking.log_model(
-            result.model.state_dict(),
-            architecture_of(config),
-            example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
-        )
-        log.log_metrics(final_metrics(result, report), model_uri=model_uri)
-        fault_point("after_model_logging")
-        log.log_pngs(drawing.pngs(), "plots")
+        # Figures are drawn in the worker process and uploaded from a thread while the
+        # model is logged here; the run is complete (and may end) only with both.
+        plots_logged = plots.render_async(figures).then(lambda pngs: log.log_pngs(pngs, "plots"))
+        try:
+            # MLflow links a new model to the run's metrics so far: they must all be in.
+            log.flush()
+            model_uri = tracking.log_model(
+                result.model.state_dict(),
+                architecture_of(config),
+                example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
+            )
+            log.log_metrics(final_metrics(result, report), model_uri=model_uri)
+            fault_point("after_model_logging")
+        except BaseException:
+            # Never end the run while its plots still upload; the first error is the one.
+            with contextlib.suppress(Exception):
+                plots_logged.result()
+            raise
+        plots_logged.result()
         _insist(still_wanted)
     if registered_model is None:
         return RunOutcome(log.run_id, result, report, None, None)
