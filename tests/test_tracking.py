@@ -100,3 +100,37 @@ def test_the_tracking_module_does_not_import_matplotlib():
     code = "import sys, mnist_track.tracking; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+# --- background requests -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ending", ["returns", "killed", "raises"])
+def test_background_metrics_are_all_in_before_the_run_ends(migrated_store, ending):
+    from mlflow import MlflowClient
+
+    stops = {"killed": KeyboardInterrupt, "raises": ValueError}
+    try:
+        with tracking.start_run("background") as log:
+            log.log_params({"p": 1}, background=True)
+            for epoch in range(1, 6):
+                log.log_metrics({"val/accuracy": epoch / 10}, step=epoch, background=True)
+            if ending in stops:
+                raise stops[ending]()
+    except (KeyboardInterrupt, ValueError):
+        pass
+    history = MlflowClient().get_metric_history(log.run_id, "val/accuracy")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5]
+    assert ended(log.run_id).data.params == {"p": "1"}
+    assert log.pending == []
+
+
+def test_a_failed_background_request_fails_the_run(migrated_store, monkeypatch):
+    with pytest.raises(tracking.MlflowException), tracking.start_run("background") as log:
+        monkeypatch.setattr(
+            log.client,
+            "log_batch",
+            lambda *a, **k: (_ for _ in ()).throw(tracking.MlflowException("store is gone")),
+        )
+        log.log_metrics({"m": 1.0}, background=True)
+    assert ended(log.run_id).info.status == "FAILED"
