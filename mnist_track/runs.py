@@ -173,6 +173,7 @@ def _register(run_id, model_uri, name, version_tags, split, still_wanted, outcom
         # outlive it (a version is a promise that its trial completed).
         with contextlib.suppress(Exception):
             tracking.delete_version(name, version)
+        with contextlib.suppress(Exception):  # else the next reconciliation fails it
             tracking.end_stale_run(
                 run_id, "FAILED", f"champion decision failed: {error}", also=("FINISHED",)
             )
