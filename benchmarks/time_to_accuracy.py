@@ -53,7 +53,6 @@ def candidates():
 
 def evaluation_seconds(config, splits, repeats: int = 3) -> float:
     """One test-set evaluation of a network of this architecture, as `fit` runs it."""
-
     from mnist_track.train import evaluate_loss_accuracy, prepare_model
 
     model = prepare_model(config, splits.train.images.device)

@@ -5,8 +5,9 @@ which does that in a worker process that dies with its parent.
 Figures are built with the object API (no pyplot state), so they need no closing and can
 be drawn from any thread or process. They are kept cheap because every trial draws them:
 fixed margins instead of a layout engine, one layout per figure kept and filled again,
-digit grids drawn with Pillow, and only non-zero cells of the confusion matrix labelled. This module
-imports neither torch nor MLflow, so a worker process that draws figures starts fast.
+digit grids drawn with Pillow, and only non-zero cells of the confusion matrix labelled.
+This module imports neither torch nor MLflow, so a worker process that draws figures
+starts fast.
 """
 
 from __future__ import annotations
@@ -216,36 +217,37 @@ def render_png(figure: Figure | Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-# One layout of each fixed figure per process, filled again by every run (a lock, since
-# runs in one process may draw from several threads when the worker is unavailable).
-_layouts: dict[str, Figure] = {}
+# One layout of each fixed figure per process (keyed by its builder), filled again by
+# every run; a lock, since runs in one process may draw from several threads when the
+# worker is unavailable.
+_layouts: dict[Callable[[], Figure], Figure] = {}
 _layouts_lock = threading.Lock()
-_FIXED_FIGURES = {
-    "training_curves.png": (_new_training_curves, _fill_training_curves, "history"),
-    "confusion_matrix.png": (_new_confusion_matrix, _fill_confusion_matrix, "confusion"),
-    "per_class_scores.png": (_new_per_class_scores, _fill_per_class_scores, "report"),
-}
+
+
+def _refilled(new: Callable[[], Figure], fill: Callable[[Figure, Any], Figure], data) -> bytes:
+    with _layouts_lock:
+        if new not in _layouts:
+            _layouts[new] = new()
+        return render_png(fill(_layouts[new], data))
 
 
 def render_run_figures(data: dict[str, Any]) -> dict[str, bytes]:
     """A run's figures as PNG bytes by file name, from plain data (numbers, numpy arrays
     and objects with the fields of EpochMetrics and ClassificationReport), so the drawing
     can happen in another process."""
-    shown, wrong = data["shown"], data["wrong"]
-    inputs = {
-        "history": data["history"],
-        "confusion": data["report"].confusion,
-        "report": data["report"],
+    shown, wrong, report = data["shown"], data["wrong"], data["report"]
+    pngs = {
+        "training_curves.png": _refilled(
+            _new_training_curves, _fill_training_curves, data["history"]
+        ),
+        "confusion_matrix.png": _refilled(
+            _new_confusion_matrix, _fill_confusion_matrix, report.confusion
+        ),
+        "per_class_scores.png": _refilled(_new_per_class_scores, _fill_per_class_scores, report),
+        "test_predictions.png": render_png(
+            digit_grid(*shown, "Test predictions (true / predicted)")
+        ),
     }
-    pngs = {}
-    with _layouts_lock:
-        for name, (new, fill, key) in _FIXED_FIGURES.items():
-            if name not in _layouts:
-                _layouts[name] = new()
-            pngs[name] = render_png(fill(_layouts[name], inputs[key]))
-    pngs["test_predictions.png"] = render_png(
-        digit_grid(*shown, "Test predictions (true / predicted)")
-    )
     if len(wrong[0]):
         title = f"Misclassified ({data['wrong_total']} in all; true / predicted)"
         pngs["misclassified.png"] = render_png(digit_grid(*wrong, title))
