@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -126,6 +127,29 @@ def percentile(values: list[float], q: float) -> float:
     import numpy as np
 
     return float(np.percentile(values, q))
+
+
+def spread(values: list[float], unit: str = "") -> str:
+    """min-max of repeated measurements, for a figure's note."""
+    if not values:
+        return "n/a"
+    return f"{min(values):.3g}-{max(values):.3g}{unit}"
+
+
+def median_phases(records, skip: tuple[str, ...] = ()) -> dict[str, float]:
+    """Median seconds of each phase over timing records (mnist_track.timings), in the
+    order they first appear, plus the time in no phase; a record without a phase counts
+    it as zero."""
+    names: dict[str, None] = {}
+    for record in records:
+        names |= dict.fromkeys(name for name in record.phases if name not in skip)
+    medians = {
+        name: statistics.median(record.phases.get(name, 0.0) for record in records)
+        for name in names
+    }
+    if records:
+        medians["(in no phase)"] = statistics.median(record.unphased for record in records)
+    return medians
 
 
 def log(message: str) -> None:

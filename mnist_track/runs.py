@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnist_track import plots, tracking
+from mnist_track import plots, timings, tracking
 from mnist_track.config import TrainConfig
 from mnist_track.data import MnistSplits, to_pixels
 from mnist_track.faults import fault_point
@@ -69,6 +69,7 @@ def _always_wanted() -> bool:
     return True
 
 
+@timings.record("run")
 def train_and_track(
     config: TrainConfig,
     splits: MnistSplits,
@@ -109,29 +110,39 @@ def train_and_track(
             if on_epoch is not None:
                 on_epoch(epoch)
 
-        result = fit(config, splits, on_epoch=log_epoch)
-        logits = predict_logits(result.model, splits.test.images)
-        report = classification_report(logits, splits.test.labels)
-        figures = figure_data(result, report, splits, logits)
+        with timings.phase("fit"):
+            result = fit(config, splits, on_epoch=log_epoch)
+        with timings.phase("test evaluation"):
+            logits = predict_logits(result.model, splits.test.images)
+            report = classification_report(logits, splits.test.labels)
+        with timings.phase("figure data"):
+            figures = figure_data(result, report, splits, logits)
         # Figures are drawn in the worker process and uploaded from a thread while the
         # model is logged here; the run is complete (and may end) only with both.
-        plots_logged = plots.render_async(figures).then(lambda pngs: log.log_pngs(pngs, "plots"))
+        with timings.phase("figure data"):
+            plots_logged = plots.render_async(figures).then(
+                lambda pngs: log.log_pngs(pngs, "plots")
+            )
         try:
             # MLflow links a new model to the run's metrics so far: they must all be in.
-            log.flush()
-            model_uri = tracking.log_model(
-                result.model.state_dict(),
-                architecture_of(config),
-                example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
-            )
-            log.log_metrics(final_metrics(result, report), model_uri=model_uri)
+            with timings.phase("params and epoch metrics (flush)"):
+                log.flush()
+            with timings.phase("model logging"):
+                model_uri = tracking.log_model(
+                    result.model.state_dict(),
+                    architecture_of(config),
+                    example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
+                )
+            with timings.phase("final metrics"):
+                log.log_metrics(final_metrics(result, report), model_uri=model_uri)
             fault_point("after_model_logging")
         except BaseException:
             # Never end the run while its plots still upload; the first error is the one.
             with contextlib.suppress(Exception):
                 plots_logged.result()
             raise
-        plots_logged.result()
+        with timings.phase("figures (wait)"):
+            plots_logged.result()
         _insist(still_wanted)
     if registered_model is None:
         return RunOutcome(log.run_id, result, report, None, None)
@@ -159,7 +170,8 @@ def _register(run_id, model_uri, name, version_tags, split, still_wanted, outcom
     if not still_wanted():
         tracking.end_stale_run(run_id, "FAILED", abandoned, also=("FINISHED",))
         raise TrialAbandoned(abandoned)
-    version = tracking.register_version(model_uri, name, run_id, version_tags)
+    with timings.phase("registration"):
+        version = tracking.register_version(model_uri, name, run_id, version_tags)
     fault_point("after_registration")
     if not still_wanted():  # taken over while registering: withdraw the version
         tracking.delete_version(name, version)
@@ -167,7 +179,8 @@ def _register(run_id, model_uri, name, version_tags, split, still_wanted, outcom
         tracking.crown_champion(name, split)
         raise TrialAbandoned(abandoned)
     try:
-        champion = tracking.crown_champion(name, split, candidate=version)
+        with timings.phase("champion decision"):
+            champion = tracking.crown_champion(name, split, candidate=version)
     except BaseException as error:
         # The trial fails with this error: its version and its FINISHED run must not
         # outlive it (a version is a promise that its trial completed).

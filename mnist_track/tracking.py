@@ -36,6 +36,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
+from mnist_track import timings
 from mnist_track.coordination import creating_store
 from mnist_track.defaults import CHAMPION_ALIAS
 from mnist_track.errors import MnistTrackError
@@ -292,6 +293,34 @@ def start_run(
     `run_id` resumes a run; under `mlflow run` the launcher's run ($MLFLOW_RUN_ID) is used
     for a top-level run, so the MLproject run and ours are one.
     """
+    with timings.phase("run start"):
+        log, resumed = _begin_run(experiment, run_name, tags, parent_run_id, run_id)
+    try:
+        # Inside the try: a run whose tags cannot be set still ends (FAILED), never RUNNING.
+        if tags and resumed:
+            with timings.phase("run start"):
+                log.set_tags(tags)
+        yield log
+        with timings.phase("run end"):
+            log.flush()  # a FINISHED run has all it logged
+    except killed_on:
+        with timings.phase("run end"):
+            _flush_quietly(log)  # a pruned trial keeps its curve up to the last epoch
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as error:
+        with timings.phase("run end"):
+            _flush_quietly(log)
+            record_error(log, error)
+            mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        with timings.phase("run end"):
+            mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _begin_run(experiment, run_name, tags, parent_run_id, run_id) -> tuple[RunLog, bool]:
+    """The new (or resumed) run, active; True if it was resumed (its tags still to set)."""
     launcher_run = launcher_run_id()
     adopted = run_id is None and parent_run_id is None and launcher_run is not None
     if adopted:
@@ -316,23 +345,7 @@ def start_run(
         tags=creation_tags,
     )
     log = RunLog(active.info.run_id, MlflowClient(), adopted=adopted)
-    try:
-        # Inside the try: a run whose tags cannot be set still ends (FAILED), never RUNNING.
-        if tags and creation_tags is None:
-            log.set_tags(tags)
-        yield log
-        log.flush()  # a FINISHED run has all it logged
-    except killed_on:
-        _flush_quietly(log)  # a pruned trial keeps its curve up to the last epoch
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-        raise
-    except BaseException as error:
-        _flush_quietly(log)
-        record_error(log, error)
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-        raise
-    else:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    return log, creation_tags is None
 
 
 def _flush_quietly(log: RunLog) -> None:

@@ -31,7 +31,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_track import tracking
+from mnist_track import timings, tracking
 from mnist_track.config import (
     SCALAR_SEARCH_KEYS,
     CategoricalParam,
@@ -246,8 +246,10 @@ class Objective:
         def report(epoch: EpochMetrics) -> None:
             if self.on_epoch is not None:
                 self.on_epoch(trial.number, epoch)
-            trial.report(epoch.validation_accuracy, epoch.epoch)
-            if trial.should_prune():
+            with timings.phase("optuna report"):
+                trial.report(epoch.validation_accuracy, epoch.epoch)
+                prune = trial.should_prune()
+            if prune:
                 tracking.set_run_tags(
                     run_ids[0],
                     {STATE_TAG: TrialState.PRUNED.name, "optuna.pruned_at_epoch": epoch.epoch},
@@ -341,6 +343,7 @@ class StudyResult:
         }
 
 
+@timings.record("study")
 def run_study(
     study_config: StudyConfig,
     splits: MnistSplits,
@@ -360,10 +363,11 @@ def run_study(
     def locked():
         return study_lock(storage.engine, study_config.study_name)
 
-    with locked():
+    with locked(), timings.phase("join"):
         study = _create_or_load(study_config, storage)
         parent_run_id = ensure_parent_run(study, study_config, storage_url)
-        reconciled = reconcile(study, study_config)
+        with timings.phase("reconcile"):
+            reconciled = reconcile(study, study_config)
         lease = WorkerLease(
             storage,
             storage.get_study_id_from_name(study_config.study_name),
@@ -377,13 +381,15 @@ def run_study(
     work = _Work(study, storage, study_config, objective, lease, locked, on_trial, on_abandoned)
     how = "failed"
     try:
-        work.run()
+        with timings.phase("trials"):
+            work.run()
         how = "left"
     except KeyboardInterrupt:
         how = "interrupted"
         raise
     finally:
-        parent_status, leaving = _leave(work, parent_run_id, how, storage_url)
+        with timings.phase("leave"):
+            parent_status, leaving = _leave(work, parent_run_id, how, storage_url)
         reconciled.add(work.reconciled)
         reconciled.add(leaving)
     return StudyResult(
@@ -431,7 +437,7 @@ class _Work:
         timeout = self.config.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         while deadline is None or time.monotonic() < deadline:
-            with self.locked():
+            with self.locked(), timings.phase("optuna ask"):
                 trial, done = self._next_trial()
             if done:
                 return
@@ -476,7 +482,8 @@ class _Work:
                 state = TrialState.FAIL
             if state == TrialState.COMPLETE:
                 fault_point("before_tell")
-            told = None if state is None else self._tell(trial, state, value)
+            with timings.phase("optuna tell"):
+                told = None if state is None else self._tell(trial, state, value)
         finally:
             self.lease.running(None)
         if told is None:
@@ -516,10 +523,11 @@ def _leave(work: _Work, parent_run_id: str, how: str, storage_url: str):
     if work.lease.others_active():
         return "RUNNING", reconciled
     if how == "left":
-        with work.locked():
+        with work.locked(), timings.phase("reconcile"):
             reconciled = reconcile(work.study, work.config)
         result = StudyResult(work.study, parent_run_id, storage_url, len(work.ran))
-        log_study_summary(tracking.run_log(parent_run_id), result)
+        with timings.phase("summary"):
+            log_study_summary(tracking.run_log(parent_run_id), result)
     status = {"left": "FINISHED", "interrupted": "KILLED"}.get(how, "FAILED")
     tracking.end_run(parent_run_id, status)
     return status, reconciled

@@ -12,6 +12,7 @@ from conftest import mnist_dir
 from mlflow import MlflowClient
 from stores import tiny_study
 
+from mnist_track import timings
 from mnist_track.cli import main
 
 TINY_TRAIN = (
@@ -93,9 +94,18 @@ def test_train_prints_its_run_and_crowns_the_first_version(cli, migrated_store):
 
 def test_a_study_then_its_listing_a_resume_and_a_promotion(cli, migrated_store, tmp_path):
     config = tiny_study(tmp_path, "cli-study", n_trials=2, registered_model="cli-model")
-    result = cli("tune", str(config), "--no-download")
+    with timings.collect() as records:  # the phases the benchmarks report, as they ran
+        result = cli("tune", str(config), "--no-download")
     assert result.exit_code == 0, result.output
     assert result.output.count(" COMPLETE ") == 2
+    study, *trials = records
+    assert study.kind == "study" and {"join", "trials", "leave", "summary"} <= set(study.phases)
+    assert [trial.kind for trial in trials] == ["run", "run"]
+    for trial in trials:
+        assert trial.outcome == "finished"
+        assert {"run start", "fit", "model logging", "registration", "run end"} <= set(trial.phases)
+        assert trial.phases["fit"] > trial.phases["run end"] > 0
+    assert sum(trial.seconds for trial in trials) < study.phases["trials"]
     assert "study cli-study: 2 complete, 0 pruned, 0 failed (2 run now" in result.output
     assert "serve the champion:   models:/cli-model@champion" in result.output
 

@@ -406,3 +406,11 @@ def test_dotted_overrides_reach_into_sections_and_are_validated(tmp_path):
     assert config.sampler.type == "tpe"  # a section the file did not have gets its defaults
     with pytest.raises(ConfigError, match="sampler.seed"):
         load_study_config(path, {"sampler.seed": -1})
+
+
+@pytest.mark.parametrize("path", sorted((EXPERIMENTS / "recipes").glob("*.yaml")), ids=str)
+def test_every_shipped_recipe_is_a_valid_training_config(path):
+    config = load_train_config(path, {})
+    # The recipes are what the time-to-accuracy benchmark times: short one-cycle runs.
+    assert config.lr_schedule == "onecycle"
+    assert config.epochs <= 5
