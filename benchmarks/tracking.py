@@ -1,21 +1,33 @@
 """What tracking costs: the same 5-epoch MLP trial with MLflow on (train_and_track into a
-SQLite store, model registered) and off (fit + test evaluation); the fixed cost per trial
-split into its parts, each timed by calling what train_and_track calls; and raw MLflow
-calls for reference."""
+SQLite store, model registered) and off (fit + test evaluation), alternating, 3 of each;
+the fixed cost per trial split into its parts by the phases train_and_track marks itself
+(mnist_track.timings); and raw MLflow calls for reference."""
 
 from __future__ import annotations
 
 import statistics
 
-from benchmarks.common import Context, Figure, Stopwatch, log, temp_store, timed, warm_up_mlflow
+from benchmarks.common import (
+    Context,
+    Figure,
+    Stopwatch,
+    log,
+    median_phases,
+    spread,
+    temp_store,
+    timed,
+    warm_up_mlflow,
+)
 
 NAME = "tracking"
 EXPERIMENT = "bench-tracking"
 MODEL = "bench-tracking"
 EPOCHS = 5
+REPEATS = 3  # of each side; quick mode: 1
+UNTRACKED_PHASES = ("fit", "test evaluation")  # the work both sides do
 
 
-def untracked_trial(config, splits) -> tuple[float, tuple]:
+def untracked_trial(config, splits) -> float:
     """fit + test evaluation: the same work as a tracked trial, without MLflow."""
     from mnist_track.metrics import classification_report
     from mnist_track.train import fit, predict_logits
@@ -23,88 +35,18 @@ def untracked_trial(config, splits) -> tuple[float, tuple]:
     with Stopwatch() as watch:
         result = fit(config, splits)
         logits = predict_logits(result.model, splits.test.images)
-        report = classification_report(logits, splits.test.labels)
-    return watch.seconds, (result, logits, report)
+        classification_report(logits, splits.test.labels)
+    return watch.seconds
 
 
-def tracked_trial(config, splits) -> float:
+def tracked_trial(config, splits):
+    """(seconds, timing record) of one train_and_track, model registered."""
+    from mnist_track import timings
     from mnist_track.runs import train_and_track
 
-    seconds, _ = timed(
-        lambda: train_and_track(config, splits, experiment=EXPERIMENT, registered_model=MODEL)
-    )
-    return seconds
-
-
-def fixed_cost_parts(config, splits, fitted) -> dict[str, float]:
-    """Seconds of each part of train_and_track's MLflow work, in order, in one run."""
-    from mnist_track import plots, runs, tracking
-    from mnist_track.data import to_pixels
-    from mnist_track.models import architecture_of, describe_architecture
-
-    result, logits, report = fitted
-    parts: dict[str, float] = {}
-    with Stopwatch() as watch:
-        tags = runs.run_tags(config, splits)
-        run = tracking.start_run(EXPERIMENT, "fixed-cost-parts", tags=tags)
-        run_log = run.__enter__()
-    parts["run creation (tags incl. git commit)"] = watch.seconds
-    parts["params"] = timed(lambda: run_log.log_params(config.to_params()))[0]
-
-    def log_all_metrics() -> None:
-        for epoch in result.history:
-            run_log.log_metrics(epoch.as_dict(), step=epoch.epoch)
-        run_log.log_metrics(runs.final_metrics(result, report))
-
-    parts[f"metrics ({len(result.history)} epochs + final test metrics)"] = timed(log_all_metrics)[
-        0
-    ]
-    # train_and_track draws these in a worker process while it logs the model; here they
-    # are drawn in-process so their own cost shows.
-    parts["plots (render + log 5 PNGs, in-process)"] = timed(
-        lambda: run_log.log_pngs(
-            plots.render_run_figures(runs.figure_data(result, report, splits, logits)), "plots"
-        )
-    )[0]
-    seconds, model_uri = timed(
-        lambda: tracking.log_model(
-            result.model.state_dict(),
-            architecture_of(config),
-            example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
-        )
-    )
-    parts["model logging (pyfunc, safetensors)"] = seconds
-    # train_and_track registers after the run has ended; the order does not change the cost.
-    seconds, version = timed(
-        lambda: tracking.register_version(
-            model_uri,
-            MODEL,
-            run_log.run_id,
-            {
-                tracking.VALIDATION_ACCURACY_TAG: 2.0,  # always the best: the alias moves
-                tracking.VALIDATION_SPLIT_TAG: splits.validation_digest,
-                "test_accuracy": report.accuracy,
-                "run_id": run_log.run_id,
-                "architecture": describe_architecture(config),
-            },
-        )
-    )
-    parts["registration (version + tags, one call)"] = seconds
-    parts["run end"] = timed(lambda: run.__exit__(None, None, None))[0]
-    parts["champion decision (convergent)"] = timed(
-        lambda: tracking.crown_champion(MODEL, splits.validation_digest, candidate=version)
-    )[0]
-    # Not a part of its own: how much of "plots" is matplotlib rather than MLflow.
-    parts["_render_only"] = timed(lambda: _render_figures(plots, result, report, splits))[0]
-    return parts
-
-
-def _render_figures(plots, result, report, splits) -> None:
-    from mnist_track import runs
-    from mnist_track.train import predict_logits
-
-    logits = predict_logits(result.model, splits.test.images)
-    plots.render_run_figures(runs.figure_data(result, report, splits, logits))
+    with timings.collect() as records, Stopwatch() as watch:
+        train_and_track(config, splits, experiment=EXPERIMENT, registered_model=MODEL)
+    return watch.seconds, records[0]
 
 
 def raw_mlflow(quick: bool) -> tuple[float, float]:
@@ -137,26 +79,25 @@ def run(context: Context) -> list[Figure]:
     splits = context.full_splits
     log("tracking: warming up MLflow (one tiny tracked run)")
     warm_up_mlflow(context)
-    repeats = 1 if quick else 2
-    offs, ons, measured_parts = [], [], []
+    repeats = 1 if quick else REPEATS
+    offs, ons, records = [], [], []
     with temp_store() as store:
         store_seconds = timed(lambda: tracking.use_tracking_uri(store.uri))[0]
         store.experiment(EXPERIMENT)
         for index in range(repeats):
             log(f"tracking: {EPOCHS}-epoch trial, tracking off ({index + 1}/{repeats})")
-            seconds, fitted = untracked_trial(config, splits)
-            offs.append(seconds)
-            log(f"tracking: fixed-cost parts ({index + 1}/{repeats})")
-            measured_parts.append(fixed_cost_parts(config, splits, fitted))
+            offs.append(untracked_trial(config, splits))
             log(f"tracking: {EPOCHS}-epoch trial, tracking on ({index + 1}/{repeats})")
-            ons.append(tracked_trial(config, splits))
+            seconds, record = tracked_trial(config, splits)
+            ons.append(seconds)
+            records.append(record)
         log("tracking: raw MLflow calls")
         log_metric, run_cycle = raw_mlflow(quick)
     off, on = statistics.median(offs), statistics.median(ons)
-    parts = {key: statistics.median(p[key] for p in measured_parts) for key in measured_parts[0]}
-    render_only = parts.pop("_render_only")
-    fixed = sum(parts.values())
-    how = f"median of {repeats}" if repeats > 1 else "one run each"
+    ratios = [b / a for a, b in zip(offs, ons, strict=True)]
+    fixed = [r.seconds - sum(r.phases.get(n, 0.0) for n in UNTRACKED_PHASES) for r in records]
+    parts = median_phases(records, skip=UNTRACKED_PHASES)
+    how = f"median of {repeats} alternating pairs" if repeats > 1 else "one run each"
     figures = [
         Figure(
             NAME,
@@ -166,33 +107,33 @@ def run(context: Context) -> list[Figure]:
             reference="tracking off (fit + test evaluation)",
             reference_value=off,
             reference_unit="s",
-            ratio=on / off,
+            ratio=statistics.median(ratios),
             ratio_of="on / off",
             target=("ratio", "<=", 1.15),
             estimate=quick,
             note=(
-                f"{how}, alternating off/on; on = mnist_track.runs.train_and_track into a "
-                "SQLite store, model registered; MLflow warmed up by one earlier tiny run"
+                f"{how} (off, then on); ratio spread {spread(ratios, 'x')}; on = "
+                "mnist_track.runs.train_and_track into a SQLite store, model registered; "
+                "MLflow warmed up by one earlier tiny run"
             ),
         ),
         Figure(
             NAME,
-            "fixed cost per trial (sum of parts)",
-            fixed * 1000,
+            "fixed cost per trial (the run less its fit and test evaluation)",
+            statistics.median(fixed) * 1000,
             "ms",
             reference="measured on - off",
             reference_value=(on - off) * 1000,
             reference_unit="ms",
-            ratio=fixed / (on - off) if on > off else None,
-            ratio_of="sum of parts / measured difference",
             estimate=quick,
             note=(
-                ("each part timed once" if repeats == 1 else f"median over {repeats} runs")
-                + ", calling what train_and_track calls, in a run of its own; the difference "
-                "of two whole trials is noisier than the parts"
+                f"median of {len(fixed)}, spread {spread([f * 1000 for f in fixed], ' ms')}, "
+                "from train_and_track's own phase timings; the difference of two whole "
+                "trials is noisier, and also holds what background logging costs fit"
             ),
         ),
     ]
+    total = sum(parts.values())
     for part, seconds in parts.items():
         figures.append(
             Figure(
@@ -201,14 +142,9 @@ def run(context: Context) -> list[Figure]:
                 seconds * 1000,
                 "ms",
                 reference="share of the fixed cost",
-                reference_value=100 * seconds / fixed,
+                reference_value=100 * seconds / total if total else None,
                 reference_unit="%",
                 estimate=quick,
-                note=(
-                    f"matplotlib rendering alone: {render_only * 1000:.0f} ms"
-                    if part.startswith("plots")
-                    else ""
-                ),
             )
         )
     figures += [
