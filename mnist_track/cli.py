@@ -193,13 +193,15 @@ def train(
         raw = load_mnist(data_dir, download=download)
         splits = splits_for(raw, config, device)
         _stop_on_sigterm()
+        progress = EpochProgress(config.epochs, quiet)
         outcome = train_and_track(
             config,
             splits,
             experiment=experiment,
             run_name=run_name,
             registered_model=registered_model if register else None,
-            on_epoch=EpochProgress(config.epochs, quiet),
+            on_epoch=progress,
+            on_batches=progress.batches,
         )
         click.echo(run_summary(outcome, registered_model, tracking.run_url(outcome.run_id)))
 
@@ -368,6 +370,7 @@ def tune(
             storage_url,
             on_trial=lambda trial: click.echo(trial_line(trial)),
             on_epoch=lambda number, epoch: progress(epoch, prefix=f"trial {number} "),
+            on_batches=progress.batches,
             on_abandoned=lambda number: click.echo(
                 f"trial {number:>3} ABANDONED: failed by another worker while this one was "
                 "paused or cut off; it runs again with the same parameters"

@@ -14,3 +14,4 @@ TEST_SIZE = 10000
 # Mean and standard deviation of the training pixels scaled to 0..1.
 PIXEL_MEAN = 0.1307
 PIXEL_STD = 0.3081
+PROGRESS_EVERY = 20  # batches between progress reports within an epoch (~0.5 s of CNN)

@@ -80,14 +80,15 @@ def train_and_track(
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, Any] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    on_batches: Callable[[int, int], None] | None = None,
     on_start: Callable[[str], None] | None = None,
     killed_on: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
     version_tags: Mapping[str, Any] | None = None,
     still_wanted: Callable[[], bool] = _always_wanted,
 ) -> RunOutcome:
     """Train `config` inside one MLflow run. `on_epoch` runs after each epoch's metrics are
-    logged (so a pruned trial keeps its curve); exceptions in `killed_on` end the run
-    KILLED, any other FAILED, with the error recorded.
+    logged (so a pruned trial keeps its curve), `on_batches` as in `fit`; exceptions in
+    `killed_on` end the run KILLED, any other FAILED, with the error recorded.
 
     Registration comes last, after the run has all its metrics, plots and model and has
     ended FINISHED: a version is a promise that its run is complete. `still_wanted` is
@@ -111,7 +112,7 @@ def train_and_track(
                 on_epoch(epoch)
 
         with timings.phase("fit"):
-            result = fit(config, splits, on_epoch=log_epoch)
+            result = fit(config, splits, on_epoch=log_epoch, on_batches=on_batches)
         with timings.phase("test evaluation"):
             logits = predict_logits(result.model, splits.test.images)
             report = classification_report(logits, splits.test.labels)

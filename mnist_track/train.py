@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_track.data import MnistSplits, Split
+from mnist_track.defaults import PROGRESS_EVERY
 from mnist_track.errors import MnistTrackError
 from mnist_track.models import architecture_of, build_model
 
@@ -123,9 +124,11 @@ def fit(
     config: TrainConfig,
     splits: MnistSplits,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    on_batches: Callable[[int, int], None] | None = None,
 ) -> FitResult:
     """Train a network described by `config` (a TrainConfig) on `splits.train`, validating
-    on `splits.validation` after every epoch; `on_epoch` sees each epoch's metrics."""
+    on `splits.validation` after every epoch; `on_epoch` sees each epoch's metrics, and
+    `on_batches(done, total)` the progress within an epoch every PROGRESS_EVERY batches."""
     device = splits.train.images.device
     torch.manual_seed(config.seed)  # weights and dropout
     shuffle = torch.Generator().manual_seed(config.seed)
@@ -140,7 +143,7 @@ def fit(
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
         train_loss, train_accuracy = _train_one_epoch(
-            model, optimizer, scheduler, splits.train, config.batch_size, shuffle
+            model, optimizer, scheduler, splits.train, config.batch_size, shuffle, on_batches
         )
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch}")
@@ -168,6 +171,7 @@ def _train_one_epoch(
     split: Split,
     batch_size: int,
     shuffle: torch.Generator,
+    on_batches: Callable[[int, int], None] | None = None,
 ) -> tuple[float, float]:
     model.train()
     images, labels = split.images, split.labels
@@ -175,7 +179,8 @@ def _train_one_epoch(
     # Sums stay on the device: reading them per batch would sync a GPU every step.
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
-    for batch in order.split(batch_size):
+    batches = order.split(batch_size)
+    for done, batch in enumerate(batches, start=1):
         # index_select is several times faster than fancy indexing for row gathers.
         batch_images, batch_labels = images.index_select(0, batch), labels.index_select(0, batch)
         logits = model(batch_images)
@@ -187,6 +192,8 @@ def _train_one_epoch(
         with torch.no_grad():
             loss_sum += loss * len(batch)
             correct += (logits.argmax(dim=1) == batch_labels).sum()
+        if on_batches is not None and done % PROGRESS_EVERY == 0:
+            on_batches(done, len(batches))  # a count only: nothing is read from the device
     count = len(split)
     return loss_sum.item() / count, correct.item() / count
 

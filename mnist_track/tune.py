@@ -199,12 +199,14 @@ class Objective:
         parent_run_id: str,
         storage: optuna.storages.BaseStorage,
         on_epoch: Callable[[int, EpochMetrics], None] | None = None,
+        on_batches: Callable[[int, int], None] | None = None,
     ) -> None:
         self.study = study
         self.splits = splits
         self.parent_run_id = parent_run_id
         self.storage = storage
         self.on_epoch = on_epoch
+        self.on_batches = on_batches
 
     def __call__(self, trial: optuna.Trial) -> float:
         run_ids: list[str] = []
@@ -277,6 +279,7 @@ class Objective:
             extra_tags=tags,
             version_tags={"study": self.study.study_name, "trial": trial.number},
             on_epoch=report,
+            on_batches=self.on_batches,
             on_start=on_start,
             killed_on=(optuna.TrialPruned, KeyboardInterrupt),
             still_wanted=still_wanted,
@@ -351,6 +354,7 @@ def run_study(
     *,
     on_trial: Callable[[FrozenTrial], None] | None = None,
     on_epoch: Callable[[int, EpochMetrics], None] | None = None,
+    on_batches: Callable[[int, int], None] | None = None,
     on_abandoned: Callable[[int], None] | None = None,
 ) -> StudyResult:
     """Join the study (creating it and its parent run if this worker is first), put right
@@ -377,7 +381,9 @@ def run_study(
         if tracking.run_status(parent_run_id) != "RUNNING":
             tracking.resume_run(parent_run_id)
     study.sampler = make_sampler(study_config, len(study.trials), lease.ordinal())
-    objective = Objective(study_config, splits, parent_run_id, storage, on_epoch=on_epoch)
+    objective = Objective(
+        study_config, splits, parent_run_id, storage, on_epoch=on_epoch, on_batches=on_batches
+    )
     work = _Work(study, storage, study_config, objective, lease, locked, on_trial, on_abandoned)
     how = "failed"
     try:

@@ -163,3 +163,50 @@ def test_epoch_progress_only_on_a_terminal_and_not_when_quiet(
         "trial 3 epoch  2/5  train loss 0.1234 acc 96.00%  val loss 0.1111 acc 97.00%  1.2s\n"
     )
     assert err == (expected if shown else "")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_bar_appears_only_once_an_epoch_is_slow_and_the_epoch_line_wipes_it(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    clock = FakeClock()
+    progress = console.EpochProgress(5, clock=clock)
+    every = console.PROGRESS_EVERY
+
+    progress.batches(every, 10 * every)  # the epoch's clock starts
+    clock.now += console.BAR_AFTER_SECONDS - 0.5
+    progress.batches(2 * every, 10 * every)
+    assert capsys.readouterr().err == ""  # a quick epoch: no bar
+
+    clock.now += 1.0
+    progress.batches(5 * every, 10 * every)
+    bar = capsys.readouterr().err
+    assert bar == f"\r  [{'#' * 15}{'.' * 15}] {5 * every}/{10 * every} batches"
+
+    progress(EPOCH)
+    wiped, line = capsys.readouterr().err.split("\033[K")
+    assert wiped == "\r"
+    assert line.startswith("epoch  2/5  train loss 0.1234")
+
+    # The next epoch starts its own clock: no bar until it too is slow.
+    progress.batches(every, 10 * every)
+    progress.batches(2 * every, 10 * every)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("tty", "quiet"), [(False, False), (True, True)])
+def test_no_bar_off_a_terminal_or_when_quiet(monkeypatch, capsys, tty, quiet):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    clock = FakeClock()
+    progress = console.EpochProgress(5, quiet=quiet, clock=clock)
+    progress.batches(console.PROGRESS_EVERY, 100)
+    clock.now += 60
+    progress.batches(2 * console.PROGRESS_EVERY, 100)
+    progress(EPOCH)
+    assert capsys.readouterr().err == ""

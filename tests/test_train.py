@@ -9,6 +9,7 @@ import torch
 
 from mnist_track.config import TrainConfig
 from mnist_track.data import MnistSplits, Split
+from mnist_track.defaults import PROGRESS_EVERY
 from mnist_track.train import (
     EpochMetrics,
     TrainingDiverged,
@@ -68,6 +69,18 @@ def test_fit_learns_and_reports_every_epoch(small_splits):
 def test_fit_without_listener(tiny_splits):
     result = fit(TrainConfig(epochs=1, hidden_sizes=(16,)), tiny_splits)
     assert len(result.history) == 1
+
+
+def test_fit_reports_progress_within_each_epoch(tiny_splits):
+    # 256 images in batches of 4: 64 batches an epoch, a report every PROGRESS_EVERY.
+    reports: list[tuple[int, int]] = []
+    fit(
+        TrainConfig(epochs=2, hidden_sizes=(16,), batch_size=4),
+        tiny_splits,
+        on_batches=lambda done, total: reports.append((done, total)),
+    )
+    per_epoch = [(done, 64) for done in range(PROGRESS_EVERY, 65, PROGRESS_EVERY)]
+    assert reports == per_epoch * 2
 
 
 def state_of(config: TrainConfig, splits: MnistSplits) -> dict[str, torch.Tensor]:
