@@ -175,6 +175,12 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
+# The MLflow UI opens an experiment by its kind: without this tag, 3.x guesses "GenAI"
+# and shows traces and token usage instead of the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+
+
 def ensure_experiment(name: str) -> str:
     """The experiment's id, created if missing. Workers starting together on a fresh
     server race to create it; the loser reads the winner's (MLflow's own set_experiment
@@ -190,9 +196,11 @@ def ensure_experiment(name: str) -> str:
                 f"{found.experiment_id}) or choose another experiment name"
             )
         if found is not None:
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made before this tag, or by hand
+                client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
             return found.experiment_id
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         except MlflowException:
             time.sleep(0.2)  # created by another worker meanwhile: read it on the next pass
     raise TrackingError(f"cannot create or find the MLflow experiment {name!r}")

@@ -271,6 +271,17 @@ def test_ensure_experiment_returns_the_same_id(store):
     assert ensure_experiment("another") != first
 
 
+def test_experiments_open_on_their_runs_in_the_mlflow_ui(store):
+    made = ensure_experiment("fresh")
+    assert store.get_experiment(made).tags["mlflow.experimentKind"] == "custom_model_development"
+    # One made before (or by hand) gets the kind; a kind someone chose is kept.
+    older = store.create_experiment("older")
+    chosen = store.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    ensure_experiment("older"), ensure_experiment("chosen")
+    assert store.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert store.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
 def test_ensure_experiment_never_returns_a_deleted_experiment(store):
     deleted = ensure_experiment("deleted-in-the-ui")
     store.delete_experiment(deleted)
