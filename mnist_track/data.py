@@ -53,6 +53,7 @@ class RawMnist:
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    folder: str = ""  # where the files were read from (the source of the runs' datasets)
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,25 @@ class Split:
 
 
 @dataclass(frozen=True)
+class SplitLineage:
+    """One split as MLflow records it among a run's dataset inputs: which images (the
+    digest), read from where, and what the run used them for."""
+
+    name: str
+    context: str  # MLflow's dataset context: "training", "validation" or "test"
+    digest: str
+    folder: str
+    rows: int
+
+
+@dataclass(frozen=True)
 class MnistSplits:
     train: Split
     validation: Split
     test: Split  # only for the final report, never for choosing anything
     # Which validation images these are (see `validation_digest`); empty when unknown.
     validation_digest: str = ""
+    lineage: tuple[SplitLineage, ...] = ()  # empty when not made from the IDX files
 
     def sizes(self) -> dict[str, int]:
         return {
@@ -213,13 +227,15 @@ def _parse_idx(content: bytearray, path: Path) -> np.ndarray:
 
 def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = True) -> RawMnist:
     """All four files, verified, as uint8 arrays."""
-    paths = ensure_files(resolve_data_dir(data_dir), download=download)
+    folder = resolve_data_dir(data_dir)
+    paths = ensure_files(folder, download=download)
     arrays = {stem: read_idx(path, MNIST_FILES[stem]) for stem, path in paths.items()}
     return RawMnist(
         train_images=arrays["train-images-idx3-ubyte"],
         train_labels=arrays["train-labels-idx1-ubyte"],
         test_images=arrays["t10k-images-idx3-ubyte"],
         test_labels=arrays["t10k-labels-idx1-ubyte"],
+        folder=str(folder.resolve()),
     )
 
 
@@ -238,15 +254,58 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
     return pixels.round().clamp(0, 255).to(torch.uint8).reshape(-1, 28, 28).numpy()
 
 
-def validation_digest(val_size: int, split_seed: int) -> str:
-    """Names the validation images: the verified training files plus the split settings.
-    Two runs with the same digest were validated on the same images, so their validation
-    accuracies are comparable (the registry's champion rule relies on it)."""
-    identity = ":".join(
-        [MNIST_FILES["train-images-idx3-ubyte"], MNIST_FILES["train-labels-idx1-ubyte"]]
-        + [f"val_size={val_size}", f"split_seed={split_seed}"]
-    )
+TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def split_digest(files: tuple[str, ...], *settings: str) -> str:
+    """Names a split's images: the verified SHA-256 of the files it is drawn from plus the
+    settings that draw it. Equal digests mean the same images, whichever machine or copy
+    of the files they came from."""
+    identity = ":".join([MNIST_FILES[stem] for stem in files] + list(settings))
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def validation_digest(val_size: int, split_seed: int) -> str:
+    """Two runs with the same validation digest were validated on the same images, so
+    their validation accuracies are comparable (the registry's champion rule relies on it;
+    the formula is kept as it is, so versions registered earlier stay comparable)."""
+    return split_digest(TRAIN_FILES, f"val_size={val_size}", f"split_seed={split_seed}")
+
+
+def split_lineage(
+    folder: str,
+    sizes: dict[str, int],
+    *,
+    val_size: int,
+    split_seed: int,
+    train_limit: int | None,
+    test_limit: int | None,
+) -> tuple[SplitLineage, ...]:
+    split = (f"val_size={val_size}", f"split_seed={split_seed}")
+    return (
+        SplitLineage(
+            "mnist-train",
+            "training",
+            split_digest(TRAIN_FILES, *split, f"train_limit={train_limit}", "train"),
+            folder,
+            sizes["train"],
+        ),
+        SplitLineage(
+            "mnist-validation",
+            "validation",
+            validation_digest(val_size, split_seed),
+            folder,
+            sizes["validation"],
+        ),
+        SplitLineage(
+            "mnist-test",
+            "test",
+            split_digest(TEST_FILES, f"test_limit={test_limit}"),
+            folder,
+            sizes["test"],
+        ),
+    )
 
 
 def make_splits(
@@ -271,6 +330,7 @@ def make_splits(
     )
     train_images = torch.from_numpy(raw.train_images)
     train_labels = torch.from_numpy(raw.train_labels)
+    sizes = {"train": len(train_index), "validation": len(validation_index), "test": test_count}
     return MnistSplits(
         train=_to_split(train_images[train_index], train_labels[train_index], device),
         validation=_to_split(
@@ -282,6 +342,14 @@ def make_splits(
             device,
         ),
         validation_digest=validation_digest(val_size, split_seed),
+        lineage=split_lineage(
+            raw.folder,
+            sizes,
+            val_size=val_size,
+            split_seed=split_seed,
+            train_limit=train_limit,
+            test_limit=test_limit,
+        ),
     )
 
 

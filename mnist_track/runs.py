@@ -104,6 +104,7 @@ def train_and_track(
             on_start(log.run_id)
         # In the background while training runs; flushed before the model is logged.
         log.log_params(config.to_params(), background=True)
+        log.log_datasets(splits.lineage, background=True)
 
         def log_epoch(epoch: EpochMetrics) -> None:
             log.log_metrics(epoch.as_dict(), step=epoch.epoch, background=True)

@@ -245,6 +245,40 @@ def test_split_sizes(full_splits, raw_mnist):
     assert generous.sizes() == {"train": 59000, "validation": 1000, "test": 10000}
 
 
+def test_each_split_has_a_lineage_digest_that_names_its_images(raw_mnist, full_splits):
+    lineage = {split.context: split for split in full_splits.lineage}
+    assert {context: split.name for context, split in lineage.items()} == {
+        "training": "mnist-train",
+        "validation": "mnist-validation",
+        "test": "mnist-test",
+    }
+    assert {context: split.rows for context, split in lineage.items()} == {
+        "training": 55000,
+        "validation": 5000,
+        "test": 10000,
+    }
+    assert lineage["validation"].digest == full_splits.validation_digest
+    assert len({split.digest for split in full_splits.lineage}) == 3
+    assert {split.folder for split in full_splits.lineage} == {raw_mnist.folder}
+
+    def digests(**options):
+        settings = {"val_size": 5000, "split_seed": 0} | options
+        made = make_splits(raw_mnist, device=CPU, **settings)
+        return [split.digest for split in made.lineage]
+
+    same = digests()
+    assert same == [split.digest for split in full_splits.lineage]  # same data, same digests
+    train, validation, test = same
+    assert digests(split_seed=1)[:2] != [train, validation] and digests(split_seed=1)[2] == test
+    assert digests(train_limit=100) == [digests(train_limit=100)[0], validation, test]
+    assert digests(train_limit=100)[0] != train
+    assert digests(test_limit=10)[:2] == [train, validation] and digests(test_limit=10)[2] != test
+
+
+def test_the_data_folder_is_recorded_as_an_absolute_path(data_dir, raw_mnist):
+    assert raw_mnist.folder == str(Path(data_dir).resolve())
+
+
 def test_split_shapes_and_dtypes(full_splits):
     for split in (full_splits.train, full_splits.validation, full_splits.test):
         assert split.images.shape == (len(split), 1, 28, 28)

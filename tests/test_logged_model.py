@@ -4,6 +4,7 @@ test metrics linked to it."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -95,6 +96,25 @@ def test_the_final_test_metrics_are_linked_to_the_logged_model(logged):
     assert linked["test/accuracy"] == pytest.approx(outcome.test.accuracy)
     run = MlflowClient(uri).get_run(outcome.run_id)
     assert run.data.metrics["test/accuracy"] == pytest.approx(outcome.test.accuracy)
+
+
+def test_the_run_records_its_three_splits_as_dataset_inputs(logged, small_splits, data_dir):
+    uri, outcome = logged
+    inputs = MlflowClient(uri).get_run(outcome.run_id).inputs.dataset_inputs
+    by_context = {
+        next(tag.value for tag in item.tags if tag.key == "mlflow.data.context"): item.dataset
+        for item in inputs
+    }
+    assert sorted(by_context) == ["test", "training", "validation"]
+    for context, dataset in by_context.items():
+        expected = next(split for split in small_splits.lineage if split.context == context)
+        assert (dataset.name, dataset.digest) == (expected.name, expected.digest)
+        assert dataset.source_type == "local"
+        assert json.loads(dataset.source) == {"uri": str(data_dir.resolve())}
+    assert json.loads(by_context["training"].profile) == {"num_rows": 2000}
+    assert json.loads(by_context["test"].profile) == {"num_rows": 500}
+    # The validation input is the split the champion rule compares on.
+    assert by_context["validation"].digest == small_splits.validation_digest
 
 
 def test_a_failed_champion_decision_leaves_no_version_and_no_finished_run(
