@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnist_track import plots, timings, tracking
+from mnist_track import descriptions, plots, timings, tracking
 from mnist_track.config import TrainConfig
 from mnist_track.data import MnistSplits, to_pixels
 from mnist_track.faults import fault_point
@@ -22,6 +22,8 @@ from mnist_track.models import architecture_of, count_parameters, describe_archi
 from mnist_track.train import EpochMetrics, FitResult, fit, predict_logits
 
 GRID_SIZE = 32  # digits per prediction grid
+# What a run's description lists: the settings people compare runs by.
+NOTE_SETTINGS = ("optimizer", "lr", "lr_schedule", "batch_size", "epochs", "dropout", "seed")
 
 
 class TrialAbandoned(RuntimeError):
@@ -58,11 +60,19 @@ def run_tags(config: TrainConfig, splits: MnistSplits) -> dict[str, Any]:
         "split.validation": sizes["validation"],
         "split.test": sizes["test"],
         tracking.VALIDATION_SPLIT_TAG: splits.validation_digest,
+        descriptions.NOTE_TAG: descriptions.run_note(
+            _named_architecture(config),
+            {key: getattr(config, key) for key in NOTE_SETTINGS},
+        ),
     }
     commit = tracking.git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def _named_architecture(config: TrainConfig) -> str:
+    return f"{config.model.upper()} {describe_architecture(config)}"  # "MLP 784-128-64-10"
 
 
 def _always_wanted() -> bool:
@@ -148,32 +158,43 @@ def train_and_track(
         _insist(still_wanted)
     if registered_model is None:
         return RunOutcome(log.run_id, result, report, None, None)
+    version_tags = {
+        tracking.VALIDATION_ACCURACY_TAG: result.final_validation_accuracy,
+        tracking.VALIDATION_SPLIT_TAG: splits.validation_digest,
+        "test_accuracy": report.accuracy,
+        "run_id": log.run_id,
+        "architecture": describe_architecture(config),
+        **(version_tags or {}),
+    }
+    description = descriptions.version(
+        architecture=_named_architecture(config),
+        validation_accuracy=result.final_validation_accuracy,
+        test_accuracy=report.accuracy,
+        run_id=log.run_id,
+        experiment_id=log.experiment_id,
+        study=version_tags.get("study"),
+        trial=version_tags.get("trial"),
+    )
     return _register(
         log.run_id,
         model_uri,
         registered_model,
-        {
-            tracking.VALIDATION_ACCURACY_TAG: result.final_validation_accuracy,
-            tracking.VALIDATION_SPLIT_TAG: splits.validation_digest,
-            "test_accuracy": report.accuracy,
-            "run_id": log.run_id,
-            "architecture": describe_architecture(config),
-            **(version_tags or {}),
-        },
+        version_tags,
+        description,
         splits.validation_digest,
         still_wanted,
         lambda version, champion: RunOutcome(log.run_id, result, report, version, champion),
     )
 
 
-def _register(run_id, model_uri, name, version_tags, split, still_wanted, outcome):
+def _register(run_id, model_uri, name, version_tags, description, split, still_wanted, outcome):
     """Register the finished run's model, then let `champion` follow the rule."""
     abandoned = "the trial was taken over by another worker before its model was registered"
     if not still_wanted():
         tracking.end_stale_run(run_id, "FAILED", abandoned, also=("FINISHED",))
         raise TrialAbandoned(abandoned)
     with timings.phase("registration"):
-        version = tracking.register_version(model_uri, name, run_id, version_tags)
+        version = tracking.register_version(model_uri, name, run_id, version_tags, description)
     fault_point("after_registration")
     if not still_wanted():  # taken over while registering: withdraw the version
         tracking.delete_version(name, version)

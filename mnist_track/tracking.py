@@ -37,7 +37,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT as DATASET_CONTEXT_TAG
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
-from mnist_track import timings
+from mnist_track import descriptions, timings
 from mnist_track.coordination import creating_store
 from mnist_track.defaults import CHAMPION_ALIAS
 from mnist_track.errors import MnistTrackError
@@ -225,6 +225,7 @@ class RunLog:
 
     run_id: str
     client: MlflowClient
+    experiment_id: str = ""  # known when this process started the run
     # A run started by `mlflow run` already holds the MLproject parameters (MLflow refuses
     # to change a param): those keep the launcher's values.
     adopted: bool = False
@@ -395,7 +396,7 @@ def _begin_run(experiment, run_name, tags, parent_run_id, run_id) -> tuple[RunLo
         parent_run_id=parent_run_id,
         tags=creation_tags,
     )
-    log = RunLog(active.info.run_id, MlflowClient(), adopted=adopted)
+    log = RunLog(active.info.run_id, MlflowClient(), active.info.experiment_id, adopted=adopted)
     return log, creation_tags is None
 
 
@@ -626,20 +627,23 @@ def log_model(
 # --- the registry ----------------------------------------------------------------------
 
 
-def register_version(model_uri: str, name: str, run_id: str, tags: Mapping[str, Any]) -> str:
-    """A new version of `name` for a logged model (`models:/<model id>`), its tags set in
-    the same call so no reader ever sees a version without its validation accuracy and
-    split. (Not `mlflow.register_model`, which prints to stderr on every call.)"""
+def register_version(
+    model_uri: str, name: str, run_id: str, tags: Mapping[str, Any], description: str = ""
+) -> str:
+    """A new version of `name` for a logged model (`models:/<model id>`), its tags and
+    description set in the same call so no reader ever sees a version without its
+    validation accuracy and split. (Not `mlflow.register_model`, which prints to stderr
+    on every call.)"""
     client = MlflowClient()
     if (mlflow.get_registry_uri(), name) not in _REGISTERED_MODELS:
         _ensure_registered_model(client, name)
     try:
-        version = _create_version(client, name, model_uri, run_id, tags)
+        version = _create_version(client, name, model_uri, run_id, tags, description)
     except MlflowException as error:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         _ensure_registered_model(client, name)  # deleted since this process saw it
-        version = _create_version(client, name, model_uri, run_id, tags)
+        version = _create_version(client, name, model_uri, run_id, tags, description)
     return str(version.version)
 
 
@@ -650,18 +654,23 @@ _REGISTERED_MODELS: set[tuple[str, str]] = set()
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
-        client.create_registered_model(name)
+        client.create_registered_model(name, description=descriptions.registered_model(name))
     except MlflowException as error:
         if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
+        # Made before descriptions were written, or by hand: described once, never
+        # overwritten (a team may have written its own).
+        if not client.get_registered_model(name).description:
+            client.update_registered_model(name, descriptions.registered_model(name))
     _REGISTERED_MODELS.add((mlflow.get_registry_uri(), name))
 
 
-def _create_version(client: MlflowClient, name: str, model_uri: str, run_id: str, tags):
+def _create_version(client, name: str, model_uri: str, run_id: str, tags, description: str):
     return client.create_model_version(
         name,
         source=model_uri,
         run_id=run_id,
+        description=description or None,
         tags={k: str(v) for k, v in tags.items()},
         await_creation_for=0,
         model_id=model_uri.removeprefix("models:/"),

@@ -31,7 +31,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_track import timings, tracking
+from mnist_track import descriptions, timings, tracking
 from mnist_track.config import (
     SCALAR_SEARCH_KEYS,
     CategoricalParam,
@@ -265,6 +265,9 @@ class Objective:
             "optuna.study": self.study.study_name,
             "optuna.trial": trial.number,
             STATE_TAG: TrialState.RUNNING.name,
+            descriptions.NOTE_TAG: descriptions.trial_note(
+                self.study.study_name, trial.number, trial.params
+            ),
         }
         retry_of = self.storage.get_trial(trial_id).system_attrs.get(RETRIED_TRIAL_ATTR)
         if retry_of is not None:
@@ -369,6 +372,7 @@ def run_study(
 
     with locked(), timings.phase("join"):
         study = _create_or_load(study_config, storage)
+        describe_study(study, study_config)
         parent_run_id = ensure_parent_run(study, study_config, storage_url)
         with timings.phase("reconcile"):
             reconciled = reconcile(study, study_config)
@@ -420,6 +424,26 @@ def _create_or_load(config: StudyConfig, storage) -> optuna.Study:
         )
     except Exception as error:  # noqa: BLE001 - e.g. an existing study with other settings
         raise StudyError(f"cannot create or load study {config.study_name!r}: {error}") from None
+
+
+def describe_study(study: optuna.Study, config: StudyConfig) -> None:
+    """Name the objective and say where the study's runs and models are, so
+    optuna-dashboard (and `optuna studies`) show a study that explains itself. Written
+    only when different: a worker joining an existing study writes nothing."""
+    if study.metric_names != [config.objective]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([config.objective])
+    attrs = {
+        "experiment": config.experiment,
+        "registered_model": config.registered_model,
+        "tracking_uri": redact_url(tracking.resolve_tracking_uri(None)),
+        "searched": ", ".join(config.search_space),
+        "config": config.model_dump(mode="json"),
+    }
+    for key, value in attrs.items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
 
 
 @dataclass
@@ -533,7 +557,7 @@ def _leave(work: _Work, parent_run_id: str, how: str, storage_url: str):
             reconciled = reconcile(work.study, work.config)
         result = StudyResult(work.study, parent_run_id, storage_url, len(work.ran))
         with timings.phase("summary"):
-            log_study_summary(tracking.run_log(parent_run_id), result)
+            log_study_summary(tracking.run_log(parent_run_id), result, work.config)
     status = {"left": "FINISHED", "interrupted": "KILLED"}.get(how, "FAILED")
     tracking.end_run(parent_run_id, status)
     return status, reconciled
@@ -549,6 +573,7 @@ def ensure_parent_run(study: optuna.Study, config: StudyConfig, storage_url: str
         "optuna.study": config.study_name,
         ROLE_TAG: "study",
         "optuna.storage": redact_url(storage_url),
+        descriptions.NOTE_TAG: _study_note(config),
     }
     run_id = tracking.launcher_run_id()
     if run_id:
@@ -688,8 +713,19 @@ def _study_params(study: StudyConfig) -> dict[str, Any]:
 # --- the summary -----------------------------------------------------------------------
 
 
-def log_study_summary(parent: tracking.RunLog, result: StudyResult) -> None:
-    """Parent-run metrics, the trials table and Optuna's plots."""
+def _study_note(config: StudyConfig, best: FrozenTrial | None = None) -> str:
+    return descriptions.study_note(
+        config.study_name,
+        n_trials=config.n_trials,
+        searched=list(config.search_space),
+        registered_model=config.registered_model,
+        best=(best.number, best.value, best.params) if best is not None else None,
+    )
+
+
+def log_study_summary(parent: tracking.RunLog, result: StudyResult, config: StudyConfig) -> None:
+    """Parent-run metrics, its description (now with the best trial), the trials table
+    and Optuna's plots."""
     counts = result.counts()
     metrics = {f"trials/{state}": count for state, count in counts.items() if state != "running"}
     best = result.best_trial
@@ -699,6 +735,7 @@ def log_study_summary(parent: tracking.RunLog, result: StudyResult) -> None:
             metrics["best/test_accuracy"] = best.user_attrs["test_accuracy"]
         metrics["best/trial"] = best.number
     parent.log_metrics(metrics, step=len(result.study.trials))
+    parent.set_tags({descriptions.NOTE_TAG: _study_note(config, best)})
     table = result.study.trials_dataframe(
         attrs=("number", "state", "value", "params", "user_attrs", "duration")
     )

@@ -117,6 +117,19 @@ def test_the_run_records_its_three_splits_as_dataset_inputs(logged, small_splits
     assert by_context["validation"].digest == small_splits.validation_digest
 
 
+def test_a_trained_run_and_its_version_describe_themselves(logged):
+    uri, outcome = logged
+    client = MlflowClient(uri)
+    run = client.get_run(outcome.run_id)
+    assert run.data.tags["mlflow.note.content"].startswith("MLP 784-32-10: optimizer=adam, lr=")
+    version = client.get_model_version("logged-model", outcome.model_version)
+    assert "from `mnist-track train`" in version.description
+    assert f"(#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})" in (
+        version.description
+    )
+    assert "**Input**" in client.get_registered_model("logged-model").description
+
+
 def test_a_failed_champion_decision_leaves_no_version_and_no_finished_run(
     tracking_uri, small_splits, monkeypatch
 ):

@@ -231,6 +231,52 @@ def test_study_end_to_end(first_study):
     assert_consistent(store, "mlp-search")
 
 
+def test_the_study_explains_itself_in_the_mlflow_ui_and_optuna_dashboard(first_study):
+    store, _config, _stdout = first_study
+    client = store.client
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    study = store.study("mlp-search")
+    assert study.metric_names == ["validation_accuracy"]
+    assert study.user_attrs["registered_model"] == MODEL
+    assert study.user_attrs["experiment"] == EXPERIMENT
+    assert study.user_attrs["config"]["search_space"].keys() == {"lr", "hidden_layers",
+                                                                 "hidden_units"}  # fmt: skip
+
+    trials = store.trials("mlp-search")
+    best = max(trials, key=lambda t: t.value)
+    [parent] = store.parent_runs("mlp-search")
+    note = parent.data.tags["mlflow.note.content"]
+    assert "Optuna study `mlp-search`" in note and f"**Best trial**: {best.number}," in note
+
+    by_id = {run.info.run_id: run for run in store.trial_runs("mlp-search")}
+    for trial in trials:
+        run = by_id[trial.user_attrs[RUN_ID_ATTR]]
+        note = run.data.tags["mlflow.note.content"]
+        assert note.startswith(f"Trial {trial.number} of study `mlp-search`: ")
+        assert f"hidden_layers={trial.params['hidden_layers']}" in note
+        assert "\n" not in note  # the params in one line
+        inputs = run.inputs.dataset_inputs
+        assert len(inputs) >= 2
+        assert all(len(item.dataset.digest) == 16 for item in inputs)
+        contexts = {tag.value for item in inputs for tag in item.tags}
+        assert {"training", "validation", "test"} <= contexts
+    # Every run of the study saw the same data, so the digests agree.
+    assert len({
+        tuple(sorted(item.dataset.digest for item in run.inputs.dataset_inputs))
+        for run in by_id.values()
+    }) == 1  # fmt: skip
+
+    described = client.get_registered_model(MODEL).description
+    assert "**Input**" in described and f"models:/{MODEL}@champion" in described
+    for version in store.versions():
+        trial = int(version.tags["trial"])
+        assert f"from trial {trial} of study `mlp-search`" in version.description
+        assert f"runs/{version.run_id})" in version.description
+        assert f"{float(version.tags['validation_accuracy']):.4f}" in version.description
+
+
 def test_promote_moves_the_alias(first_study):
     store, _config, _stdout = first_study
     env = {"MLFLOW_TRACKING_URI": store.tracking_uri}
