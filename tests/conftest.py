@@ -114,4 +114,4 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, cwd=None, **en
 
 
 # Fixture modules imported by test modules: their asserts explain themselves too.
-pytest.register_assert_rewrite("postgres", "stores", "tracking_server")
+pytest.register_assert_rewrite("browser", "postgres", "stores", "tracking_server")

@@ -35,7 +35,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,16 +174,19 @@ def port_was_taken(log: Path) -> bool:
     return "address already in use" in tail(log).lower()
 
 
-def start_server(backend_url: str, root: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` with its artifacts in root/artifacts and its cwd in root/cwd (so
-    any file it drops lands there), retried on another port if the first was taken
-    meanwhile; returns the process and its URL."""
+def start_server(
+    backend_url: str, root: Path, command: Callable[[str, Path, int], list[str]] = server_command
+) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` (or another `command(backend_url, artifacts, port)`) with its
+    artifacts in root/artifacts and its cwd in root/cwd (so any file it drops lands there),
+    retried on another port if the first was taken meanwhile; returns the process and its
+    URL."""
     log = root / "server.log"
     for attempt in range(1, PORT_ATTEMPTS + 1):
         port = free_port()
         url = f"http://{HOST}:{port}"
-        command = server_command(backend_url, root / "artifacts", port)
-        process = spawn(command, server_env(home=root / "cwd"), root / "cwd", log)
+        argv = command(backend_url, root / "artifacts", port)
+        process = spawn(argv, server_env(home=root / "cwd"), root / "cwd", log)
         try:
             wait_until_healthy(process, url, START_TIMEOUT)
         except ServerDied:
