@@ -12,7 +12,8 @@ The MLflow UI is a React single-page app: nothing is there when a page has loade
 step waits (up to browser.WAIT_S) for the text or element it needs. A failing step leaves
 a screenshot and the page source (see browser.py).
 
-About 40 s on two cores: 12 s of study, 5 s of server start, the rest page loads.
+About 35 s on two cores: 26 s to set up (the study, then the server), then a second or two
+a page.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ PLOTS = {"training_curves.png", "confusion_matrix.png"}  # at least these, under
 
 @dataclass(frozen=True)
 class Study:
-    """What the UI should show, read from the stores once the study has ended."""
+    """A finished study: its store, and what the UI should show, read from the stores."""
 
+    tracking_uri: str
     experiment_id: str
     trial_runs: dict[str, str]  # run name -> run id
     champion_version: str
@@ -76,9 +78,8 @@ def ui_command(backend_url: str, artifacts: Path, port: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> tuple[Study, str]:
-    """A finished 3-trial study in its own SQLite stores: what to expect, and the tracking
-    URI."""
+def study(tmp_path_factory) -> Study:
+    """A 3-trial study, run to its end through the CLI into its own SQLite stores."""
     folder = tmp_path_factory.mktemp("browser-study")
     stores = Stores(f"sqlite:///{folder / 'mlflow.db'}", f"sqlite:///{folder / 'optuna.db'}")
     config = tiny_study(folder, STUDY, experiment=EXPERIMENT, registered_model=MODEL)
@@ -91,24 +92,23 @@ def study(tmp_path_factory) -> tuple[Study, str]:
     )  # fmt: skip
     trials = stores.trials(STUDY)
     best = max(trials, key=lambda trial: trial.value)
-    expected = Study(
+    return Study(
+        tracking_uri=stores.tracking_uri,
         experiment_id=stores.client.get_experiment_by_name(EXPERIMENT).experiment_id,
         trial_runs={f"trial-{t.number}": t.user_attrs[RUN_ID_ATTR] for t in trials},
         champion_version=best.user_attrs["model_version"],
         versions=[t.user_attrs["model_version"] for t in trials],
     )
-    return expected, stores.tracking_uri
 
 
 @pytest.fixture(scope="module")
 def ui_server(study, tmp_path_factory) -> Iterator[str]:
     """`mlflow ui` over the study's store on a free port of 127.0.0.1; its URL."""
-    _expected, tracking_uri = study
     root = tmp_path_factory.mktemp("mlflow-ui")
     for folder in ("artifacts", "cwd"):
         (root / folder).mkdir()
     try:
-        process, url = start_server(tracking_uri, root, command=ui_command)
+        process, url = start_server(study.tracking_uri, root, command=ui_command)
     except (ServerDied, TimeoutError) as error:
         pytest.fail(f"{error}; end of its log:\n{tail(root / 'server.log')}", pytrace=False)
     try:
@@ -125,7 +125,7 @@ def ui(browser, study, ui_server) -> Ui:
     sidebar's GenAI / Model training switch, kept in the browser's local storage, and a
     fresh browser starts on GenAI whatever the experiment's `mlflow.experimentKind` tag
     says. So the test makes the choice a user makes once."""
-    ui = Ui(ui_server, study[0], browser)
+    ui = Ui(ui_server, study, browser)
     ui.open("/experiments")
     switch = clickable(browser, "//*[@role='button'][normalize-space()='Model training']")
     switch.click()
@@ -145,14 +145,18 @@ def visible(driver, xpath: str):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
 
-    return waiter(driver).until(ec.visibility_of_element_located((By.XPATH, xpath)))
+    return waiter(driver).until(
+        ec.visibility_of_element_located((By.XPATH, xpath)), f"nothing visible at {xpath}"
+    )
 
 
 def clickable(driver, xpath: str):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
 
-    return waiter(driver).until(ec.element_to_be_clickable((By.XPATH, xpath)))
+    return waiter(driver).until(
+        ec.element_to_be_clickable((By.XPATH, xpath)), f"nothing clickable at {xpath}"
+    )
 
 
 def text_is(value: str) -> str:
@@ -221,9 +225,9 @@ def shown_datasets(driver) -> dict[str, str]:
         items += popover.find_elements(By.XPATH, ".//*[@role='button']")
     shown = {}
     for item in items:
-        # "<name> (<digest>)" then the context chip.
-        name, context = item.text.split("\n")
-        shown[name.split(" (")[0]] = context.lower()  # chips are capitalized by CSS
+        # "<name> (<digest>)" on the first line, the context chip on the last.
+        lines = item.text.splitlines()
+        shown[lines[0].split(" (")[0]] = lines[-1].lower()  # chips are capitalized by CSS
     return shown
 
 
@@ -244,7 +248,8 @@ def test_a_trial_run_shows_its_plots(ui):
     # A preview proves the file is served and decodes as an image, not only listed.
     clickable(driver, text_is("training_curves.png")).click()
     preview = visible(driver, "//img[starts-with(@src, 'blob:')]")
-    waiter(driver).until(lambda d: d.execute_script("return arguments[0].naturalWidth", preview))
+    decoded = "return arguments[0].complete && arguments[0].naturalWidth"
+    waiter(driver).until(lambda d: d.execute_script(decoded, preview), "preview never decoded")
 
 
 def test_the_model_page_shows_the_champion_alias(ui):
