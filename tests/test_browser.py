@@ -218,7 +218,11 @@ def shown_datasets(driver) -> dict[str, str]:
     from selenium.webdriver.common.by import By
 
     section = visible(driver, "//h4[normalize-space()='Datasets']/..")
-    items = section.find_elements(By.XPATH, ".//*[@role='button' and not(self::button)]")
+    dataset = ".//*[@role='button' and not(self::button)]"
+    # The entry is drawn before the run's inputs arrive ("None"): wait for one.
+    items = waiter(driver).until(
+        lambda _: section.find_elements(By.XPATH, dataset), "no dataset in the Datasets entry"
+    )
     for more in section.find_elements(By.XPATH, ".//button[@aria-haspopup='dialog']"):
         more.click()
         popover = visible(driver, "//*[@role='dialog']")
@@ -255,7 +259,9 @@ def test_a_trial_run_shows_its_plots(ui):
 def test_the_model_page_shows_the_champion_alias(ui):
     driver = ui.driver
     ui.open(f"/models/{MODEL}")
+    # The versions and the model's aliases come from two requests: wait for both.
     visible(driver, f"//a[normalize-space()='Version {ui.study.versions[-1]}']")
+    visible(driver, "//*[@role='row'][contains(., 'champion')]")
     aliases = {}
     for version in ui.study.versions:
         row = visible(driver, f"//*[@role='row'][.//a[normalize-space()='Version {version}']]")
