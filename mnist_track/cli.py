@@ -437,6 +437,8 @@ def studies(storage, tracking_uri) -> None:
                 detail += f", {row['retried']} lost with their worker and run again"
             if row["running"]:
                 detail += f", {row['running']} running"
+            if row["stopped_early"]:
+                detail += ", stopped early"
             click.echo(f"{row['study']}\ttrials {row['trials']} ({detail})\tbest {best}")
 
 

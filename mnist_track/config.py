@@ -121,17 +121,55 @@ LAYER_SEARCH_KEYS = {
 COUNT_KEYS = ("hidden_layers", "conv_layers")
 
 
+TPE_OPTIONS = ("multivariate", "group", "constant_liar")
+
+
 class SamplerConfig(_Frozen):
     type: Literal["tpe", "random"] = "tpe"
     # Seeded by default so studies are repeatable; Optuna's samplers take 0..2**32-1.
     seed: Annotated[int, Field(ge=0, lt=2**32)] | None = 0
     n_startup_trials: PositiveInt = 5  # random trials before TPE starts modelling
+    # TPE's options are always passed to Optuna, never left to its defaults: those changed
+    # in 5.0 (multivariate and constant liar off in 4.x, on in 5.x), and a study must
+    # sample alike on either.
+    multivariate: bool = True  # model parameters jointly: lr and width interact
+    # Jointly within each set of parameters that occur together (a layer-1 size exists
+    # only at depth 2); None: as multivariate.
+    group: bool | None = None
+    constant_liar: bool = True  # parallel workers treat running trials as bad: they spread out
+
+    @model_validator(mode="after")
+    def _tpe_options_need_tpe(self) -> SamplerConfig:
+        given = [key for key in TPE_OPTIONS if key in self.model_fields_set]
+        if self.type != "tpe" and given:
+            raise ValueError(f"{', '.join(given)}: only the tpe sampler takes this option")
+        if self.group and not self.multivariate:
+            raise ValueError("group needs multivariate: true (it groups the joint model)")
+        return self
+
+    @property
+    def grouped(self) -> bool:
+        return self.multivariate if self.group is None else self.group
 
 
 class PrunerConfig(_Frozen):
     type: Literal["median", "hyperband", "none"] = "median"
     n_startup_trials: int = Field(3, ge=0)  # trials that always run to the end
     n_warmup_steps: int = Field(1, ge=0)  # epochs before a trial may be pruned
+
+
+class StopConfig(_Frozen):
+    """When the study as a whole has done enough before n_trials: decided from the trials
+    in the shared storage, so every worker stops asking for new ones."""
+
+    target: float | None = Field(None, gt=0.0, le=1.0)  # a validation accuracy that is enough
+    patience: PositiveInt | None = None  # counted trials in a row that did not beat the best
+
+    @model_validator(mode="after")
+    def _a_rule(self) -> StopConfig:
+        if self.target is None and self.patience is None:
+            raise ValueError("give target, patience or both")
+        return self
 
 
 class StudyConfig(_Frozen):
@@ -147,6 +185,11 @@ class StudyConfig(_Frozen):
     pruner: PrunerConfig = PrunerConfig()
     train: TrainConfig = TrainConfig()  # fixed settings; the search space overrides them
     search_space: dict[str, ParamSpec] = Field(min_length=1)
+    # Trials to run first, each a mapping of trial parameters (as Optuna names them:
+    # lr, hidden_layers, hidden_units_l0, ...); parameters left out are sampled. Queued
+    # once, when the study is created.
+    warm_start: tuple[dict[str, Any], ...] = ()
+    stop: StopConfig | None = None  # stop early; None: run all n_trials
     # A trial whose process died is failed (and re-run) once its heartbeat is this old.
     heartbeat_interval: PositiveInt = 5
     grace_period: PositiveInt = 20
@@ -161,6 +204,13 @@ class StudyConfig(_Frozen):
             if key in COUNT_KEYS and isinstance(spec, IntParam) and spec.low < 1:
                 raise ValueError(f"search_space.{key}: a layer count needs low >= 1")
             _check_domain(key, spec, self.train)
+        for index, params in enumerate(self.warm_start):
+            _check_warm_start(f"warm_start[{index}]", params, self.search_space, self.train)
+        if self.n_trials is not None and len(self.warm_start) > self.n_trials:
+            raise ValueError(
+                f"warm_start: {len(self.warm_start)} trials do not fit in n_trials "
+                f"({self.n_trials})"
+            )
         if self.n_trials is None and self.timeout is None:
             raise ValueError("set n_trials, timeout or both, or the study never ends")
         if self.grace_period <= self.heartbeat_interval:
@@ -192,6 +242,66 @@ def _check_domain(key: str, spec: IntParam | FloatParam | CategoricalParam, base
             f"search_space.{key}: a float range draws values such as {value!r}, which "
             f"{problem}; use type int or categorical"
         )
+
+
+def _check_warm_start(where: str, params: dict[str, Any], space: dict[str, ParamSpec], base):
+    """Every parameter of a warm-start trial must be one the search space draws for that
+    trial, with a value it could draw: else Optuna would run the trial with a value out
+    of range, or fail it."""
+    specs = _trial_params(params, space, base)
+    for name, value in params.items():
+        spec = specs.get(name)
+        if spec is None:
+            takes = ", ".join(specs)
+            raise ValueError(f"{where}.{name}: not a parameter of this trial; it takes: {takes}")
+        problem = _outside(spec, value)
+        if problem is not None:
+            raise ValueError(f"{where}.{name}: {value!r} {problem}")
+
+
+def _trial_params(params: dict[str, Any], space: dict[str, ParamSpec], base: TrainConfig):
+    """The parameters a trial with these (partly) fixed values draws, by Optuna name, with
+    the spec each is drawn from: the layer sizes `hidden_units_l<i>` for each layer of its
+    depth (the fixed depth, the given one, or else the deepest the space allows)."""
+    specs = {key: spec for key, spec in space.items() if key in SCALAR_SEARCH_KEYS}
+    for count_key, size_key, size_field in (
+        ("hidden_layers", "hidden_units", "hidden_sizes"),
+        ("conv_layers", "conv_channels", "channels"),
+    ):
+        count_spec = space.get(count_key)
+        if count_spec is not None:
+            specs[count_key] = count_spec
+        if size_key not in space:
+            continue
+        depth = len(getattr(base, size_field))
+        if count_spec is not None:
+            given = params.get(count_key)
+            depth = int(given) if _outside(count_spec, given) is None else _most(count_spec)
+        specs |= {f"{size_key}_l{layer}": space[size_key] for layer in range(depth)}
+    return specs
+
+
+def _most(spec: IntParam | FloatParam | CategoricalParam) -> int:
+    if isinstance(spec, CategoricalParam):
+        return max(spec.choices)
+    return int(spec.high)
+
+
+def _outside(spec: IntParam | FloatParam | CategoricalParam, value: Any) -> str | None:
+    """Why the sampler could never draw `value` from `spec`; None if it could."""
+    if isinstance(spec, CategoricalParam):
+        if isinstance(value, bool) or value not in spec.choices:
+            return f"is not one of the choices {list(spec.choices)}"
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "is not a number"
+    if isinstance(spec, IntParam) and not isinstance(value, int):
+        return "is not a whole number (the range is int)"
+    if not spec.low <= value <= spec.high:
+        return f"is outside the range {spec.low}..{spec.high}"
+    if isinstance(spec, IntParam) and (value - spec.low) % spec.step:
+        return f"is not on the range's steps ({spec.low}, {spec.low + spec.step}, ...)"
+    return None
 
 
 def _train_problem(key: str, value: Any, base: TrainConfig) -> str | None:
@@ -274,8 +384,10 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for problem in error.errors():
         # Drop the discriminator tag pydantic puts in the location of union members.
-        loc = [str(part) for part in problem["loc"] if part not in ("int", "float", "categorical")]
-        key = ".".join(loc)
+        loc = [part for part in problem["loc"] if part not in ("int", "float", "categorical")]
+        # An entry of a list reads as it is written in the messages: warm_start[1].lr
+        parts = (f"[{part}]" if isinstance(part, int) else str(part) for part in loc)
+        key = ".".join(parts).replace(".[", "[")
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown key"

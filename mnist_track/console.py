@@ -126,6 +126,8 @@ def study_summary(result, registered_model: str, parent_url: str | None = None) 
         lines.append(f"  reconciled: {reconciled_line(result.reconciled)}")
     if result.abandoned:
         lines.append(f"  {result.abandoned} trial(s) of this worker were taken over by another")
+    if result.stopped:
+        lines.append(f"  stopped early: {result.stopped}")
     best = result.best_trial
     if best is None:
         lines.append("  no completed trial yet")

@@ -23,6 +23,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from mnist_track.config import (
     CategoricalParam,
     FloatParam,
     IntParam,
+    StopConfig,
     StudyConfig,
     TrainConfig,
 )
@@ -51,6 +53,9 @@ from mnist_track.train import EpochMetrics
 RUN_ID_ATTR = "mlflow_run_id"
 ERROR_ATTR = "error"  # set on trials that failed by their own error (they count as done)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+WARM_START_ATTR = "warm_start"  # on a warm-start trial: its entry's index in the config
+STOPPED_ATTR = "stopped_early"  # on the study: why it stopped early (None once it went on)
+STOPPED_TAG = "study.stopped_early"  # the same on the parent run
 RETRIED_TRIAL_ATTR = "failed_trial"  # system attr Optuna's retry callback puts on a retry
 STATE_TAG = "optuna.state"
 RETRY_OF_TAG = "optuna.retry_of"
@@ -170,9 +175,17 @@ def make_sampler(
     seed = study.sampler.seed
     if seed is not None and (trials_so_far, worker) != (0, 0):
         seed = int(np.random.SeedSequence([seed, trials_so_far, worker]).generate_state(1)[0])
-    if study.sampler.type == "random":
+    sampler = study.sampler
+    if sampler.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=study.sampler.n_startup_trials)
+    # Every option given, none left to Optuna's defaults (they changed in 5.0).
+    return optuna.samplers.TPESampler(
+        seed=seed,
+        n_startup_trials=sampler.n_startup_trials,
+        multivariate=sampler.multivariate,
+        group=sampler.grouped,
+        constant_liar=sampler.constant_liar,
+    )
 
 
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
@@ -332,6 +345,11 @@ class StudyResult:
     parent_status: str = "RUNNING"  # RUNNING while other workers are still at work
 
     @property
+    def stopped(self) -> str | None:
+        """Why the study stopped before n_trials, as recorded on it; None if it did not."""
+        return self.study.user_attrs.get(STOPPED_ATTR)
+
+    @property
     def best_trial(self) -> FrozenTrial | None:
         complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         return max(complete, key=lambda t: t.value, default=None)
@@ -373,6 +391,7 @@ def run_study(
     with locked(), timings.phase("join"):
         study = _create_or_load(study_config, storage)
         describe_study(study, study_config)
+        enqueue_warm_start(study, study_config)
         parent_run_id = ensure_parent_run(study, study_config, storage_url)
         with timings.phase("reconcile"):
             reconciled = reconcile(study, study_config)
@@ -446,6 +465,51 @@ def describe_study(study: optuna.Study, config: StudyConfig) -> None:
             study.set_user_attr(key, value)
 
 
+def enqueue_warm_start(study: optuna.Study, config: StudyConfig) -> int:
+    """Queue the config's warm-start trials, in order, on a study that has no trial yet:
+    once, at its creation (the caller holds the study lock, so a worker joining or a
+    resume finds them queued or run, and queues nothing). Returns how many."""
+    if not config.warm_start or study.get_trials(deepcopy=False):
+        return 0
+    for index, params in enumerate(config.warm_start):
+        study.enqueue_trial(dict(params), user_attrs={WARM_START_ATTR: index})
+    return len(config.warm_start)
+
+
+# --- early stop ------------------------------------------------------------------------
+
+
+def stop_reason(trials: list[FrozenTrial], stop: StopConfig | None) -> str | None:
+    """Why the study should stop before n_trials, from its trials alone (so every worker
+    reaches the same answer); None to go on. Patience counts counted trials in the order
+    they ended since the one that set the best value."""
+    if stop is None:
+        return None
+    ended = sorted(
+        (t for t in trials if counted(t)),
+        key=lambda t: (t.datetime_complete or datetime.max, t.number),
+    )
+    best, since = None, 0
+    for trial in ended:
+        if trial.state == TrialState.COMPLETE and (best is None or trial.value > best.value):
+            best, since = trial, 0
+        else:
+            since += 1
+    if stop.target is not None and best is not None and best.value >= stop.target:
+        return (
+            f"target {stop.target:g} reached: trial {best.number} has validation accuracy "
+            f"{best.value:.4f}"
+        )
+    if stop.patience is not None and since >= stop.patience:
+        if best is None:
+            return f"patience {stop.patience} ran out: none of {since} trials completed"
+        return (
+            f"patience {stop.patience} ran out: no trial in the {since} since trial "
+            f"{best.number} beat its validation accuracy {best.value:.4f}"
+        )
+    return None
+
+
 @dataclass
 class _Work:
     """One worker's share of a study: take the next trial while the study needs one,
@@ -484,10 +548,12 @@ class _Work:
         self.reconciled.trials_failed += fail_stale_trials(self.study)
         trials = self.study.get_trials(deepcopy=False)
         n_trials = self.config.n_trials
+        done = sum(counted(t) for t in trials)
+        if n_trials is not None and done >= n_trials:
+            return None, True
+        if self._stopped_early(trials):
+            return None, True
         if n_trials is not None:
-            done = sum(counted(t) for t in trials)
-            if done >= n_trials:
-                return None, True
             taken = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
             queued = any(t.state == TrialState.WAITING for t in trials)
             if done + taken >= n_trials and not queued:
@@ -495,6 +561,14 @@ class _Work:
         trial = self.study.ask()
         self.lease.running(trial._trial_id)  # heartbeat now, so it can go stale if we die
         return trial, False
+
+    def _stopped_early(self, trials: list[FrozenTrial]) -> bool:
+        """The study-wide early stop, kept on the study so a resume (and the summary) can
+        say why; cleared when a loosened stop rule lets the study go on."""
+        reason = stop_reason(trials, self.config.stop)
+        if reason != self.study.user_attrs.get(STOPPED_ATTR):
+            self.study.set_user_attr(STOPPED_ATTR, reason)
+        return reason is not None
 
     def _run(self, trial: optuna.Trial) -> None:
         try:
@@ -698,10 +772,17 @@ def _study_params(study: StudyConfig) -> dict[str, Any]:
         "study.timeout": study.timeout,
         "study.sampler": study.sampler.type,
         "study.sampler_seed": study.sampler.seed,
+        "study.warm_start_trials": len(study.warm_start),
+        "study.stop_target": study.stop and study.stop.target,
+        "study.stop_patience": study.stop and study.stop.patience,
         "study.pruner": study.pruner.type,
         "study.objective": study.objective,
         "study.registered_model": study.registered_model,
     }
+    if study.sampler.type == "tpe":
+        params["study.sampler_multivariate"] = study.sampler.multivariate
+        params["study.sampler_group"] = study.sampler.grouped
+        params["study.sampler_constant_liar"] = study.sampler.constant_liar
     params |= {f"train.{k}": v for k, v in study.train.to_params().items()}
     params |= {
         f"search.{k}": spec.model_dump_json(exclude={"type"})
@@ -735,7 +816,10 @@ def log_study_summary(parent: tracking.RunLog, result: StudyResult, config: Stud
             metrics["best/test_accuracy"] = best.user_attrs["test_accuracy"]
         metrics["best/trial"] = best.number
     parent.log_metrics(metrics, step=len(result.study.trials))
-    parent.set_tags({descriptions.NOTE_TAG: _study_note(config, best)})
+    tags = {descriptions.NOTE_TAG: _study_note(config, best)}
+    if STOPPED_ATTR in result.study.user_attrs:  # stopped once; "no" if it then went on
+        tags[STOPPED_TAG] = result.stopped or "no"
+    parent.set_tags(tags)
     table = result.study.trials_dataframe(
         attrs=("number", "state", "value", "params", "user_attrs", "duration")
     )
@@ -829,6 +913,7 @@ def study_summaries(storage_url: str) -> list[dict[str, Any]]:
                 "running": sum(t.state == TrialState.RUNNING for t in trials),
                 "best_value": best.value if best else math.nan,
                 "best_trial": best.number if best else None,
+                "stopped_early": summary.user_attrs.get(STOPPED_ATTR),
                 "started": summary.datetime_start,
             }
         )

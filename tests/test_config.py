@@ -414,3 +414,123 @@ def test_every_shipped_recipe_is_a_valid_training_config(path):
     # The recipes are what the time-to-accuracy benchmark times: short one-cycle runs.
     assert config.lr_schedule == "onecycle"
     assert config.epochs <= 5
+
+
+# --- study features: warm start, early stop, sampler options -----------------------------
+
+LAYER_SPACE = LR_SPACE | {
+    "hidden_layers": {"type": "int", "low": 1, "high": 2},
+    "hidden_units": {"type": "int", "low": 16, "high": 64, "step": 16},
+    "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
+}
+
+
+def test_warm_start_trials_are_kept_in_order(tmp_path):
+    trials = [
+        {"lr": 3e-3, "hidden_layers": 2, "hidden_units_l0": 32, "hidden_units_l1": 64},
+        {"optimizer": "sgd"},  # the rest is sampled
+    ]
+    path = write_yaml(tmp_path, "s.yaml", {"search_space": LAYER_SPACE, "warm_start": trials})
+    assert load_study_config(path, {}).warm_start == tuple(trials)
+
+
+BAD_WARM_STARTS = {
+    "unknown-key": (
+        [{"lr": 1e-3}, {"momentum": 0.9}],
+        "warm_start[1].momentum: not a parameter of this trial; it takes: lr, optimizer, "
+        "hidden_layers, hidden_units_l0, hidden_units_l1",
+    ),
+    "layer-beyond-its-depth": (
+        [{"hidden_layers": 1, "hidden_units_l1": 32}],
+        "warm_start[0].hidden_units_l1: not a parameter of this trial; it takes: lr, "
+        "optimizer, hidden_layers, hidden_units_l0",
+    ),
+    "float-above-high": ([{"lr": 0.5}], "warm_start[0].lr: 0.5 is outside the range"),
+    "int-off-the-steps": (
+        [{"hidden_units_l0": 40}],
+        "warm_start[0].hidden_units_l0: 40 is not on the range's steps (16, 32, ...)",
+    ),
+    "float-for-an-int": (
+        [{"hidden_layers": 2.0}],
+        "warm_start[0].hidden_layers: 2.0 is not a whole number",
+    ),
+    "not-a-choice": (
+        [{"optimizer": "rmsprop"}],
+        "warm_start[0].optimizer: 'rmsprop' is not one of the choices ['adam', 'sgd']",
+    ),
+    "text-for-a-number": ([{"lr": "fast"}], "warm_start[0].lr: 'fast' is not a number"),
+    "entry-not-a-mapping": ([{"lr": 1e-3}, 3], "warm_start[1]: Input should be a valid dict"),
+    "more-than-n-trials": (
+        [{"lr": 1e-3}] * 3,
+        "warm_start: 3 trials do not fit in n_trials (2)",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("trials", "expected"), BAD_WARM_STARTS.values(), ids=BAD_WARM_STARTS.keys()
+)
+def test_a_bad_warm_start_names_the_entry_and_key(tmp_path, trials, expected):
+    study = {"n_trials": 2, "search_space": LAYER_SPACE, "warm_start": trials}
+    path = write_yaml(tmp_path, "s.yaml", study)
+    message = config_error(load_study_config, path)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+
+
+def test_warm_start_sizes_of_a_fixed_depth(tmp_path):
+    # Only the width is searched: the trial has the fixed depth (two layers).
+    space = {"hidden_units": {"type": "int", "low": 16, "high": 64}}
+    study = {"search_space": space, "train": {"hidden_sizes": [32, 32]}}
+    fits = write_yaml(tmp_path, "a.yaml", study | {"warm_start": [{"hidden_units_l1": 20}]})
+    assert load_study_config(fits, {}).warm_start == ({"hidden_units_l1": 20},)
+    deeper = write_yaml(tmp_path, "b.yaml", study | {"warm_start": [{"hidden_units_l2": 20}]})
+    assert "warm_start[0].hidden_units_l2: not a parameter" in config_error(
+        load_study_config, deeper
+    )
+
+
+def test_stop_takes_a_target_a_patience_or_both(tmp_path):
+    path = write_yaml(
+        tmp_path, "s.yaml", {"search_space": LR_SPACE, "stop": {"target": 0.985, "patience": 4}}
+    )
+    stop = load_study_config(path, {}).stop
+    assert (stop.target, stop.patience) == (0.985, 4)
+    assert StudyConfig(study_name="s", search_space=LR_SPACE).stop is None  # the default
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [
+        ({}, "stop: give target, patience or both"),
+        ({"target": 1.5}, "stop.target: Input should be less than or equal to 1"),
+        ({"target": 0}, "stop.target: Input should be greater than 0"),
+        ({"patience": 0}, "stop.patience: Input should be greater than 0"),
+        ({"patience": 3, "after": 2}, "stop.after: unknown key"),
+    ],
+)
+def test_a_bad_stop_names_its_key(tmp_path, stop, expected):
+    path = write_yaml(tmp_path, "s.yaml", {"search_space": LR_SPACE, "stop": stop})
+    assert expected in config_error(load_study_config, path)
+
+
+def test_tpe_options_default_on_and_group_follows_multivariate():
+    sampler = StudyConfig(study_name="s", search_space=LR_SPACE).sampler
+    assert (sampler.multivariate, sampler.grouped, sampler.constant_liar) == (True, True, True)
+    independent = StudyConfig(
+        study_name="s", search_space=LR_SPACE, sampler={"multivariate": False}
+    ).sampler
+    assert (independent.multivariate, independent.grouped) == (False, False)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "expected"),
+    [
+        ({"type": "random", "constant_liar": False}, "sampler: constant_liar: only the tpe"),
+        ({"multivariate": False, "group": True}, "sampler: group needs multivariate: true"),
+        ({"multivariate": "sometimes"}, "sampler.multivariate: Input should be a valid boolean"),
+    ],
+)
+def test_bad_sampler_options_are_named(tmp_path, sampler, expected):
+    path = write_yaml(tmp_path, "s.yaml", {"search_space": LR_SPACE, "sampler": sampler})
+    assert expected in config_error(load_study_config, path)

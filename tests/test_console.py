@@ -82,7 +82,7 @@ def test_run_summary_without_registration():
     assert "model " not in text and len(text.splitlines()) == 4
 
 
-def result(trials, parent_status="FINISHED", reconciled=None, abandoned=0):
+def result(trials, parent_status="FINISHED", reconciled=None, abandoned=0, stopped=None):
     study = SimpleNamespace(study_name="quick")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     return SimpleNamespace(
@@ -93,6 +93,7 @@ def result(trials, parent_status="FINISHED", reconciled=None, abandoned=0):
         parent_status=parent_status,
         reconciled=reconciled or Reconciled(),
         abandoned=abandoned,
+        stopped=stopped,
         best_trial=max(complete, key=lambda t: t.value, default=None),
         counts=lambda: {
             name: sum(t.state.name.lower() == name for t in trials)
@@ -133,6 +134,14 @@ def test_study_summary_while_others_work_and_after_reconciling():
     ) in text
     assert "1 trial(s) of this worker were taken over by another" in text
     assert text.endswith("  no completed trial yet")
+
+
+def test_study_summary_says_why_it_stopped_early():
+    trials = [trial(TrialState.COMPLETE, 0.99, number=0, model_version="1")]
+    reason = "target 0.98 reached: trial 0 has validation accuracy 0.9900"
+    lines = console.study_summary(result(trials, stopped=reason), "digits").splitlines()
+    assert f"  stopped early: {reason}" in lines
+    assert "stopped" not in console.study_summary(result(trials), "digits")
 
 
 def test_reconciled_line_names_discarded_parents():

@@ -4,6 +4,7 @@ Trials are FrozenTrial objects and runs/versions plain stand-ins: no store is to
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 
 import optuna
@@ -11,7 +12,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from mnist_track.config import StudyConfig
+from mnist_track.config import StopConfig, StudyConfig
 from mnist_track.tune import (
     ERROR_ATTR,
     RUN_ID_ATTR,
@@ -22,6 +23,7 @@ from mnist_track.tune import (
     default_storage_url,
     make_sampler,
     open_storage,
+    stop_reason,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -212,6 +214,76 @@ def test_counted(made, expected):
     assert counted(made()) is expected
 
 
+# --- stop_reason -----------------------------------------------------------------------
+
+T0 = datetime(2025, 1, 1)
+
+
+def ended(*outcomes, order=None):
+    """Trials numbered 0, 1, ... from outcomes (a value: COMPLETE; "pruned"; "error": a
+    counted FAIL; "died": an uncounted FAIL), ending in `order` (trial numbers; default
+    their own)."""
+    trials = []
+    for number, outcome in enumerate(outcomes):
+        if isinstance(outcome, float):
+            made = trial(TrialState.COMPLETE)
+            made.value = outcome
+        elif outcome == "pruned":
+            made = trial(TrialState.PRUNED)
+        else:
+            made = trial(TrialState.FAIL, error="ValueError: bad" if outcome == "error" else None)
+        made.number = number
+        trials.append(made)
+    for place, number in enumerate(order or range(len(trials))):
+        trials[number].datetime_complete = T0 + timedelta(seconds=place)
+    return trials
+
+
+def test_no_stop_rule_never_stops():
+    assert stop_reason(ended(0.99, "pruned", "pruned"), None) is None
+
+
+def test_the_target_stops_once_a_trial_reaches_it():
+    stop = StopConfig(target=0.95)
+    assert stop_reason(ended(0.9, 0.94), stop) is None
+    assert stop_reason(ended(0.9, 0.95, 0.93), stop) == (
+        "target 0.95 reached: trial 1 has validation accuracy 0.9500"
+    )
+
+
+def test_patience_counts_trials_since_the_best_including_pruned_and_failed():
+    stop = StopConfig(patience=3)
+    assert stop_reason(ended(0.9, 0.8, "pruned"), stop) is None
+    assert stop_reason(ended(0.9, 0.8, "pruned", "error"), stop) == (
+        "patience 3 ran out: no trial in the 3 since trial 0 beat its validation accuracy 0.9000"
+    )
+    assert stop_reason(ended(0.9, 0.8, "pruned", 0.95), stop) is None  # a new best resets it
+    assert stop_reason(ended(0.9, 0.9, 0.9, 0.9), stop) is not None  # a tie is no improvement
+    # A trial lost with its worker is run again: it does not count.
+    assert stop_reason(ended(0.9, 0.8, "died", "pruned"), stop) is None
+
+
+def test_patience_follows_the_order_trials_ended_in_not_their_numbers():
+    # Parallel workers: trial 2 (the best) ended before trial 1.
+    trials = ended(0.9, 0.8, 0.95, order=[0, 2, 1])
+    assert stop_reason(trials, StopConfig(patience=1)) == (
+        "patience 1 ran out: no trial in the 1 since trial 2 beat its validation accuracy 0.9500"
+    )
+    assert stop_reason(ended(0.9, 0.8, 0.95), StopConfig(patience=1)) is None
+
+
+def test_patience_without_any_complete_trial():
+    assert stop_reason(ended("error", "error"), StopConfig(patience=2)) == (
+        "patience 2 ran out: none of 2 trials completed"
+    )
+
+
+def test_either_rule_stops_a_study_with_both():
+    stop = StopConfig(target=0.99, patience=2)
+    assert stop_reason(ended(0.9, 0.8, 0.7), stop).startswith("patience 2 ran out")
+    assert stop_reason(ended(0.995), stop).startswith("target 0.99 reached")
+
+
 # --- make_sampler ----------------------------------------------------------------------
 
 SPACE = {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}
@@ -233,7 +305,12 @@ def samples(sampler: optuna.samplers.BaseSampler, n: int = 4) -> list[float]:
 @pytest.mark.parametrize(
     ("sampler_type", "reference"),
     [
-        ("tpe", lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)),
+        (
+            "tpe",
+            lambda seed: optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=5, multivariate=True, group=True, constant_liar=True
+            ),
+        ),
         ("random", lambda seed: optuna.samplers.RandomSampler(seed=seed)),
     ],
 )
@@ -268,6 +345,40 @@ def test_the_tpe_sampler_keeps_the_configured_startup_trials():
         study_name="s", search_space=SPACE, sampler={"type": "tpe", "n_startup_trials": 7}
     )
     assert make_sampler(config, 3, 1)._n_startup_trials == 7
+
+
+def test_the_tpe_options_are_given_to_optuna_not_left_to_its_defaults():
+    # Optuna 4.x defaults both to off, 5.x to on: the config decides, on either.
+    for options in (
+        {"multivariate": True, "constant_liar": True},
+        {"multivariate": False, "constant_liar": False},
+    ):
+        config = StudyConfig(study_name="s", search_space=SPACE, sampler=options)
+        sampler = make_sampler(config, 0, 0)
+        assert sampler._multivariate is options["multivariate"]
+        assert sampler._group is options["multivariate"]  # group follows multivariate
+        assert sampler._constant_liar is options["constant_liar"]
+
+
+def pair_samples(sampler: optuna.samplers.BaseSampler, n: int = 6) -> list[tuple[float, float]]:
+    """Samples of a two-parameter objective, past the sampler's two start-up trials."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_float("y", 0, 1), n_trials=n)
+    return [(t.params["x"], t.params["y"]) for t in study.trials]
+
+
+def test_a_study_samples_as_multivariate_tpe_with_constant_liar():
+    config = StudyConfig(
+        study_name="s", search_space=SPACE, sampler={"seed": 3, "n_startup_trials": 2}
+    )
+
+    def tpe(**options):
+        return optuna.samplers.TPESampler(seed=3, n_startup_trials=2, **options)
+
+    ours = pair_samples(make_sampler(config, 0, 0))
+    assert ours == pair_samples(tpe(multivariate=True, group=True, constant_liar=True))
+    assert ours != pair_samples(tpe(multivariate=False, constant_liar=False))  # 4.x's defaults
 
 
 # --- storage ---------------------------------------------------------------------------

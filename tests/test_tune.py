@@ -144,3 +144,22 @@ def test_make_pruner(pruner, kind):
 
 
 LR_SPACE = {"type": "float", "low": 1e-3, "high": 1e-2}
+
+
+# --- warm start --------------------------------------------------------------------------
+
+
+def test_warm_start_trials_are_queued_once_when_the_study_is_new():
+    config = StudyConfig(
+        study_name="s", search_space={"lr": LR_SPACE}, warm_start=[{"lr": 2e-3}, {"lr": 5e-3}]
+    )
+    study = optuna.create_study(direction="maximize")
+    assert tune.enqueue_warm_start(study, config) == 2
+    # A worker joining, or a resume, finds the study's trials: nothing is queued again.
+    assert tune.enqueue_warm_start(study, config) == 0
+    asked = [study.ask() for _ in range(3)]
+    values = [trial.suggest_float("lr", 1e-3, 1e-2) for trial in asked]
+    assert values[:2] == [2e-3, 5e-3]
+    assert values[2] not in (2e-3, 5e-3)  # sampled: the warm start is used up
+    starts = [t.user_attrs.get(tune.WARM_START_ATTR) for t in study.get_trials()]
+    assert starts == [0, 1, None]
