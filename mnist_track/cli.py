@@ -20,6 +20,7 @@ from mnist_track.defaults import (
     DEFAULT_EXPERIMENT,
     DEFAULT_REGISTERED_MODEL,
     STORAGE_ENV,
+    SYSTEM_METRICS_INTERVAL_SECONDS,
 )
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -92,6 +93,13 @@ tracking_uri_option = click.option(
     help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///mlflow.db].",
 )
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+system_metrics_option = click.option(
+    "--system-metrics",
+    is_flag=True,
+    help="Log CPU, memory, disk and network use into each run as system/* metrics, every "
+    f"{SYSTEM_METRICS_INTERVAL_SECONDS} s [env MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL]; "
+    "needs psutil.",
+)
 storage_option = click.option(
     "--storage",
     envvar=STORAGE_ENV,
@@ -158,6 +166,7 @@ def main() -> None:
 )
 @click.option("--run-name", help="MLflow run name [generated].")
 @threads_option
+@system_metrics_option
 @quiet_option
 def train(
     config_path,
@@ -169,6 +178,7 @@ def train(
     register,
     run_name,
     threads,
+    system_metrics,
     quiet,
     train_limit,
     test_limit,
@@ -181,6 +191,8 @@ def train(
         options["train_limit"] = limit(train_limit)
         options["test_limit"] = limit(test_limit)
         config = load_train_config(config_path, options)
+        if system_metrics:
+            _log_system_metrics()
         _start_figure_worker()
         device = _device(config.device, threads)
 
@@ -204,6 +216,16 @@ def train(
             on_batches=progress.batches,
         )
         click.echo(run_summary(outcome, registered_model, tracking.run_url(outcome.run_id)))
+
+
+def _log_system_metrics() -> None:
+    """Before any data is loaded: a missing psutil is a usage error naming the option."""
+    from mnist_track import tracking
+
+    try:
+        tracking.log_system_metrics()
+    except tracking.TrackingError as error:
+        raise click.BadParameter(str(error), param_hint="--system-metrics") from None
 
 
 def _start_figure_worker() -> None:
@@ -315,6 +337,7 @@ def _image_paths(arguments) -> list[Path]:
 @download_option
 @tracking_uri_option
 @threads_option
+@system_metrics_option
 @quiet_option
 def tune(
     config_path,
@@ -330,6 +353,7 @@ def tune(
     download,
     tracking_uri,
     threads,
+    system_metrics,
     quiet,
 ) -> None:
     """Run (or resume) the Optuna study described by CONFIG, e.g. experiments/mlp.yaml."""
@@ -348,6 +372,8 @@ def tune(
                 "sampler.seed": sampler_seed,
             },
         )
+        if system_metrics:
+            _log_system_metrics()  # into each trial's run
         _start_figure_worker()
         torch_device = _device(study_config.train.device, threads)
 

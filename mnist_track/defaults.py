@@ -15,3 +15,6 @@ TEST_SIZE = 10000
 PIXEL_MEAN = 0.1307
 PIXEL_STD = 0.3081
 PROGRESS_EVERY = 20  # batches between progress reports within an epoch (~0.5 s of CNN)
+# MLflow samples system metrics every 10 s by default and logs nothing for a shorter run:
+# a trial of a few seconds would get none at all.
+SYSTEM_METRICS_INTERVAL_SECONDS = 2

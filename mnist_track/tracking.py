@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import os
 import posixpath
@@ -39,7 +40,7 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_B
 
 from mnist_track import descriptions, timings
 from mnist_track.coordination import creating_store
-from mnist_track.defaults import CHAMPION_ALIAS
+from mnist_track.defaults import CHAMPION_ALIAS, SYSTEM_METRICS_INTERVAL_SECONDS
 from mnist_track.errors import MnistTrackError
 from mnist_track.redact import redact_text, redact_url
 
@@ -176,6 +177,28 @@ def is_local_store(uri: str) -> bool:
     if uri.split(":")[0] in REMOTE_SCHEMES_WITHOUT_SLASHES:
         return False
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+SAMPLING_INTERVAL_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"  # MLflow's own setting
+
+
+def log_system_metrics(enabled: bool = True) -> None:
+    """Whether the runs this process starts from now on log `system/*` metrics (CPU,
+    memory, disk, network; GPU where MLflow finds a monitor), sampled by a thread of
+    MLflow's every SYSTEM_METRICS_INTERVAL_SECONDS unless its own environment variable
+    says otherwise. Process-wide, like the tracking URI: every run started here (a
+    training run, each trial of a study) gets the same setting."""
+    if not enabled:
+        mlflow.disable_system_metrics_logging()
+        return
+    if importlib.util.find_spec("psutil") is None:
+        raise TrackingError(
+            "system metrics need the psutil package, which is not installed: pip install "
+            "psutil (or install mnist-track with its system-metrics extra)"
+        )
+    if not os.environ.get(SAMPLING_INTERVAL_ENV):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
+    mlflow.enable_system_metrics_logging()
 
 
 # The MLflow UI opens an experiment by its kind: without this tag, 3.x guesses "GenAI"

@@ -5,6 +5,7 @@ tmp_path. (tests/test_end_to_end.py runs the installed `mnist-track` as a subpro
 from __future__ import annotations
 
 import signal
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -57,6 +58,17 @@ def test_usage_errors_exit_2_with_one_line(cli, tmp_path, args, fragment):
     assert result.exit_code == 2, result.output
     assert fragment in result.output
     assert sorted(path.name for path in tmp_path.iterdir()) == []  # no store was created
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_system_metrics_without_psutil_is_a_usage_error(cli, tmp_path, monkeypatch, command):
+    monkeypatch.setitem(sys.modules, "psutil", None)  # as if not installed
+    args = [str(tiny_study(tmp_path, "s"))] if command == "tune" else []
+    result = cli(command, *args, "--system-metrics", "--no-download")
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --system-metrics" in error_line(result)
+    assert "pip install psutil" in error_line(result)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["s.yaml"] * (command == "tune")
 
 
 def test_a_shared_tracking_store_needs_a_shared_study_storage(cli, tmp_path):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+import time
 
 import pytest
 from conftest import REPO_ROOT
@@ -134,3 +137,49 @@ def test_a_failed_background_request_fails_the_run(migrated_store, monkeypatch):
         )
         log.log_metrics({"m": 1.0}, background=True)
     assert ended(log.run_id).info.status == "FAILED"
+
+
+# --- system metrics ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def system_metrics_settings(monkeypatch):
+    """MLflow keeps these process-wide in the environment: put them back afterwards."""
+    for name in ("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", tracking.SAMPLING_INTERVAL_ENV):
+        monkeypatch.delenv(name, raising=False)
+    yield monkeypatch
+
+
+def system_metrics_of(run_id: str) -> set[str]:
+    return {key for key in ended(run_id).data.metrics if key.startswith("system/")}
+
+
+def test_runs_log_system_metrics_once_switched_on(migrated_store, system_metrics_settings):
+    pytest.importorskip("psutil")
+    system_metrics_settings.setenv(tracking.SAMPLING_INTERVAL_ENV, "0.2")  # a short run
+    tracking.log_system_metrics()
+    with tracking.start_run("system") as on:
+        time.sleep(1)
+    tracking.log_system_metrics(enabled=False)
+    with tracking.start_run("system") as off:
+        time.sleep(1)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= (
+        system_metrics_of(on.run_id)
+    )
+    assert system_metrics_of(off.run_id) == set()
+
+
+def test_system_metrics_sample_often_enough_for_a_short_trial(system_metrics_settings):
+    pytest.importorskip("psutil")
+    tracking.log_system_metrics()
+    assert float(os.environ[tracking.SAMPLING_INTERVAL_ENV]) == 2  # MLflow's 10 s: none
+    system_metrics_settings.setenv(tracking.SAMPLING_INTERVAL_ENV, "30")
+    tracking.log_system_metrics()
+    assert os.environ[tracking.SAMPLING_INTERVAL_ENV] == "30"  # the user's setting wins
+
+
+def test_system_metrics_without_psutil_say_how_to_install_it(system_metrics_settings):
+    system_metrics_settings.setitem(sys.modules, "psutil", None)  # as if not installed
+    with pytest.raises(tracking.TrackingError, match="pip install psutil"):
+        tracking.log_system_metrics()
+    assert "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" not in os.environ  # nothing switched on
