@@ -4,7 +4,8 @@ in the MLflow store (runs, metrics, artifacts, registry) and in the Optuna stora
 Covers: a whole study and its MLflow layout, then `promote` and a resume on the same store
 (in file order); pruning; a failing trial; SIGKILL mid-trial and the resume after it;
 SIGTERM mid-trial; two workers sharing a PostgreSQL storage (marked `postgres`, see
-postgres.py); bad configs and an unopenable storage.
+postgres.py); warm-start trials, the early stop (by target, by patience, two workers) and
+system metrics; bad configs and an unopenable storage.
 
 Every study trains tiny MLPs on a few thousand images for 2-3 epochs, so the module runs
 in a few minutes on two CPU cores.
@@ -624,6 +625,127 @@ def test_two_workers_share_a_postgres_study(postgres_url, store, tmp_path):
 
     listing = run_cli("studies", "--storage", postgres_url)
     assert f"shared\ttrials {len(trials)}" in listing.stdout
+
+
+# --- warm start, early stop, system metrics --------------------------------------------
+
+
+def test_warm_start_trials_run_first_and_are_queued_only_once(store, tmp_path):
+    starts = [{"lr": 0.002}, {"lr": 0.008}]
+    config = study_config(tmp_path, "warm", warm_start=starts)  # 3 trials
+    tune(config)
+    trials = store.trials("warm")
+    assert [t.params for t in trials[:2]] == starts
+    assert [t.user_attrs.get("warm_start") for t in trials] == [0, 1, None]
+    assert trials[2].params["lr"] not in (0.002, 0.008)  # sampled
+    for trial in trials:
+        run = store.client.get_run(trial.user_attrs[RUN_ID_ATTR])
+        assert float(run.data.params["lr"]) == trial.params["lr"]
+
+    more = tune(config, "--n-trials", "4")  # a resume queues nothing again
+    assert "(1 run now" in more.stdout
+    trials = store.trials("warm")
+    assert [state(t) for t in trials] == ["COMPLETE"] * 4
+    assert "warm_start" not in trials[3].user_attrs
+    assert trials[3].params not in starts
+    assert_consistent(store, "warm")
+
+
+def test_a_study_stops_once_a_trial_reaches_the_target(store, tmp_path):
+    config = study_config(tmp_path, "target", n_trials=4, stop={"target": 0.5})
+    result = tune(config)
+    [trial] = store.trials("target")  # tiny trials reach about 0.85
+    assert state(trial) == "COMPLETE" and trial.value >= 0.5
+    reason = f"target 0.5 reached: trial 0 has validation accuracy {trial.value:.4f}"
+    assert f"  stopped early: {reason}" in result.stdout.splitlines()
+    [parent] = store.parent_runs("target")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["study.stopped_early"] == reason
+    assert parent.data.metrics["trials/complete"] == 1
+    assert_consistent(store, "target")
+
+    # A resume of a stopped study says so and runs nothing, more trials or not.
+    again = tune(config, "--n-trials", "6")
+    assert "(0 run now" in again.stdout
+    assert f"  stopped early: {reason}" in again.stdout.splitlines()
+    assert len(store.trials("target")) == 1
+    listing = run_cli("studies", MLFLOW_TRACKING_URI=store.tracking_uri)
+    assert "target\ttrials 1 (1 counted, stopped early)" in listing.stdout
+
+
+def test_a_study_stops_when_patience_runs_out(store, tmp_path):
+    # Warm starts fix the outcomes: trial 0 learns (lr 3e-3), trials 1 and 2 barely move
+    # (lr 1e-5) and cannot beat it, so patience 2 stops the study after trial 2; the
+    # fourth stays queued, to run if a looser rule lets the study go on.
+    config = study_config(
+        tmp_path,
+        "patience",
+        n_trials=5,
+        stop={"patience": 2},
+        warm_start=[{"lr": 3e-3}, {"lr": 1e-5}, {"lr": 1e-5}, {"lr": 3e-3}],
+        search_space={"lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True}},
+    )
+    result = tune(config)
+    trials = store.trials("patience")
+    assert [state(t) for t in trials] == ["COMPLETE"] * 3 + ["WAITING"]
+    assert max(trials[:3], key=lambda t: t.value).number == 0
+    assert (
+        "  stopped early: patience 2 ran out: no trial in the 2 since trial 0 beat its "
+        f"validation accuracy {trials[0].value:.4f}"
+    ) in result.stdout.splitlines()
+    [parent] = store.parent_runs("patience")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["study.stopped_early"].startswith("patience 2 ran out")
+    assert_consistent(store, "patience")
+
+
+def test_a_worker_stops_on_another_workers_trial_reaching_the_target(store, tmp_path):
+    # Two workers on one study, searching apart: every trial of the first barely learns
+    # (lr about 1e-5), every trial of the second passes the target. The first stops once
+    # a trial of the second has reached it, long before n_trials.
+    stop = {"target": 0.5}
+    lr = {"type": "float", "low": 1e-5, "high": 1.1e-5}
+    slow = study_config(tmp_path, "slow", n_trials=8, stop=stop, search_space={"lr": lr})
+    lr = {"type": "float", "low": 3e-3, "high": 4e-3}
+    quick = study_config(tmp_path, "quick", n_trials=8, stop=stop, search_space={"lr": lr})
+    workers = {
+        name: start_tune(config, tmp_path, "--study-name", "shared-stop", "--threads", "1",
+                         name=name)
+        for name, config in (("slow", slow), ("quick", quick))
+    }  # fmt: skip
+    for name, worker in workers.items():
+        try:
+            assert worker.wait(timeout=400) == 0, output_of(tmp_path, name)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            raise
+    trials = store.trials("shared-stop")
+    assert all(state(t) == "COMPLETE" for t in trials)
+    reached = [t for t in trials if t.value >= 0.5]
+    assert reached and all(t.params["lr"] >= 3e-3 for t in reached)  # the quick worker's
+    assert len(trials) < 8
+    first = min(reached, key=lambda t: t.datetime_complete)
+    for name in workers:
+        assert f"stopped early: target 0.5 reached: trial {first.number} " in output_of(
+            tmp_path, name
+        )
+    [parent] = store.parent_runs("shared-stop")
+    assert parent.info.status == "FINISHED"
+    assert_consistent(store, "shared-stop")
+
+
+def test_system_metrics_are_logged_into_each_trial_run(store, tmp_path):
+    pytest.importorskip("psutil")
+    config = study_config(tmp_path, "system", n_trials=1)
+    # Sampled twice a second: a tiny trial lasts a few seconds.
+    tune(config, "--system-metrics", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5")
+    [trial] = store.trials("system")
+    run = store.client.get_run(trial.user_attrs[RUN_ID_ATTR])
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        run.data.metrics
+    )
+    assert "val/accuracy" in run.data.metrics  # and the trial's own metrics as ever
+    assert_consistent(store, "system")
 
 
 # --- bad input -------------------------------------------------------------------------
