@@ -1,11 +1,13 @@
 """What tracking costs: the same 5-epoch MLP trial with MLflow on (train_and_track into a
 SQLite store, model registered) and off (fit + test evaluation), alternating, 3 of each;
 the fixed cost per trial split into its parts by the phases train_and_track marks itself
-(mnist_track.timings); and raw MLflow calls for reference."""
+(mnist_track.timings); what --system-metrics adds to a tracked trial (alternating with
+and without, 5 of each, wall and CPU time); and raw MLflow calls for reference."""
 
 from __future__ import annotations
 
 import statistics
+import time
 
 from benchmarks.common import (
     Context,
@@ -24,6 +26,7 @@ EXPERIMENT = "bench-tracking"
 MODEL = "bench-tracking"
 EPOCHS = 5
 REPEATS = 3  # of each side; quick mode: 1
+SYSTEM_METRICS_REPEATS = 5  # its cost is small against the noise of a shared machine
 UNTRACKED_PHASES = ("fit", "test evaluation")  # the work both sides do
 
 
@@ -47,6 +50,62 @@ def tracked_trial(config, splits):
     with timings.collect() as records, Stopwatch() as watch:
         train_and_track(config, splits, experiment=EXPERIMENT, registered_model=MODEL)
     return watch.seconds, records[0]
+
+
+def system_metrics_cost(config, splits, quick: bool) -> list[Figure]:
+    """A tracked trial with system metrics against one without, alternating (without
+    first), in wall time and in this process's CPU time (the monitor thread's included;
+    steadier on a shared machine); skipped where psutil is missing."""
+    from mnist_track import tracking
+    from mnist_track.defaults import SYSTEM_METRICS_INTERVAL_SECONDS
+
+    name = f"{EPOCHS}-epoch tracked trial with --system-metrics"
+    try:
+        tracking.log_system_metrics()
+    except tracking.TrackingError as error:
+        return [Figure(NAME, name, None, "s", note=f"skipped: {error}")]
+    tracking.log_system_metrics(enabled=False)
+
+    def trial() -> tuple[float, float]:
+        cpu = time.process_time()
+        seconds = tracked_trial(config, splits)[0]
+        return seconds, time.process_time() - cpu
+
+    repeats = 1 if quick else SYSTEM_METRICS_REPEATS
+    offs, ons = [], []
+    for index in range(repeats):
+        log(f"tracking: tracked trial without system metrics ({index + 1}/{repeats})")
+        offs.append(trial())
+        log(f"tracking: tracked trial with system metrics ({index + 1}/{repeats})")
+        tracking.log_system_metrics()
+        try:
+            ons.append(trial())
+        finally:
+            tracking.log_system_metrics(enabled=False)
+    how = f"median of {repeats} alternating pairs" if repeats > 1 else "one run each"
+    figures = []
+    for column, clock in ((0, "wall"), (1, "CPU")):
+        ratios = [on[column] / off[column] for off, on in zip(offs, ons, strict=True)]
+        figures.append(
+            Figure(
+                NAME,
+                f"{name} ({clock} time)",
+                statistics.median(on[column] for on in ons),
+                "s",
+                reference="the same tracked trial without",
+                reference_value=statistics.median(off[column] for off in offs),
+                reference_unit="s",
+                ratio=statistics.median(ratios),
+                ratio_of="with / without",
+                estimate=quick,
+                note=(
+                    f"{how} (without, then with); ratio spread {spread(ratios, 'x')}; "
+                    f"MLflow's monitor thread sampling every {SYSTEM_METRICS_INTERVAL_SECONDS} s"
+                    + ("; CPU: this process, all its threads" if column else "")
+                ),
+            )
+        )
+    return figures
 
 
 def raw_mlflow(quick: bool) -> tuple[float, float]:
@@ -91,6 +150,7 @@ def run(context: Context) -> list[Figure]:
             seconds, record = tracked_trial(config, splits)
             ons.append(seconds)
             records.append(record)
+        system_metrics = system_metrics_cost(config, splits, quick)
         log("tracking: raw MLflow calls")
         log_metric, run_cycle = raw_mlflow(quick)
     off, on = statistics.median(offs), statistics.median(ons)
@@ -133,6 +193,7 @@ def run(context: Context) -> list[Figure]:
             ),
         ),
     ]
+    figures += system_metrics
     total = sum(parts.values())
     for part, seconds in parts.items():
         figures.append(
