@@ -81,8 +81,10 @@ def study_note(
     searched: list[str],
     registered_model: str,
     best: tuple[int, float, Mapping[str, Any]] | None = None,
+    stopped: str | None = None,
 ) -> str:
-    """The parent run's description; `best` is (trial number, value, params) once known."""
+    """The parent run's description; `best` is (trial number, value, params) once known,
+    `stopped` why the study stopped early, if it did."""
     planned = f"{n_trials} trials" if n_trials is not None else "trials until its timeout"
     lines = [
         f"Optuna study `{study}`: {planned} searching {', '.join(searched)}; "
@@ -94,6 +96,8 @@ def study_note(
         lines.append(
             f"\n**Best trial**: {number}, validation accuracy {value:.4f} ({params_line(params)})."
         )
+    if stopped:
+        lines.append(f"\n**Stopped early**: {stopped}.")
     return "\n".join(lines)
 
 

@@ -1,13 +1,15 @@
 """Optuna studies, the only module that imports optuna: search space -> TrainConfig, the
-objective (one tracked run per trial), pruning, storage, resume, several workers on one
-study, reconciliation after kills, and the study summary.
+objective (one tracked run per trial), pruning, warm-start trials, the early stop,
+storage, resume, several workers on one study, reconciliation after kills, and the study
+summary.
 
 MLflow layout: one parent run per study, one nested run `trial-<n>` per trial. Each side
 finds the other: the trial's user attribute `mlflow_run_id`, the run's `optuna.*` tags.
 
 Several workers (processes, machines) share a study through its storage. Every fact they
 share lives there, never in one process: the trial count (trials are started under a
-study lock, so N workers end with exactly n_trials counted trials), who is at work
+study lock, so N workers end with exactly n_trials counted trials), whether the study
+has stopped early (decided from the stored trials, so every worker agrees), who is at work
 (worker leases: the last to leave ends the parent run), and what a killed worker left
 half-done (put right by `reconcile` whenever a worker starts or leaves).
 """
@@ -794,13 +796,16 @@ def _study_params(study: StudyConfig) -> dict[str, Any]:
 # --- the summary -----------------------------------------------------------------------
 
 
-def _study_note(config: StudyConfig, best: FrozenTrial | None = None) -> str:
+def _study_note(
+    config: StudyConfig, best: FrozenTrial | None = None, stopped: str | None = None
+) -> str:
     return descriptions.study_note(
         config.study_name,
         n_trials=config.n_trials,
         searched=list(config.search_space),
         registered_model=config.registered_model,
         best=(best.number, best.value, best.params) if best is not None else None,
+        stopped=stopped,
     )
 
 
@@ -816,7 +821,7 @@ def log_study_summary(parent: tracking.RunLog, result: StudyResult, config: Stud
             metrics["best/test_accuracy"] = best.user_attrs["test_accuracy"]
         metrics["best/trial"] = best.number
     parent.log_metrics(metrics, step=len(result.study.trials))
-    tags = {descriptions.NOTE_TAG: _study_note(config, best)}
+    tags = {descriptions.NOTE_TAG: _study_note(config, best, result.stopped)}
     if STOPPED_ATTR in result.study.user_attrs:  # stopped once; "no" if it then went on
         tags[STOPPED_TAG] = result.stopped or "no"
     parent.set_tags(tags)

@@ -41,6 +41,10 @@ def test_a_study_note_gains_its_best_trial():
     )
     assert "trials until its timeout" in best
     assert best.endswith("**Best trial**: 4, validation accuracy 0.9800 (lr=0.01).")
+    stopped = descriptions.study_note(
+        "quick", n_trials=6, searched=["lr"], registered_model="m", stopped="target 0.9 reached"
+    )
+    assert stopped.endswith("**Stopped early**: target 0.9 reached.")
 
 
 def test_the_registered_model_says_how_to_serve_it():

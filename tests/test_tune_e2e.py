@@ -661,6 +661,7 @@ def test_a_study_stops_once_a_trial_reaches_the_target(store, tmp_path):
     [parent] = store.parent_runs("target")
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["study.stopped_early"] == reason
+    assert f"**Stopped early**: {reason}." in parent.data.tags["mlflow.note.content"]
     assert parent.data.metrics["trials/complete"] == 1
     assert_consistent(store, "target")
 
