@@ -108,6 +108,49 @@ def system_metrics_cost(config, splits, quick: bool) -> list[Figure]:
     return figures
 
 
+def system_metrics_sample(quick: bool) -> Figure:
+    """CPU time of one sample of MLflow's own system-metrics monitor on a run of the
+    store (read the machine, check the run is still running, log the metrics), done in
+    this thread: steady where whole trials on a shared machine are not. Against the
+    sampling interval it is the share of a core the monitor takes."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    from mnist_track.defaults import SYSTEM_METRICS_INTERVAL_SECONDS
+
+    name = "system metrics: one sample of MLflow's monitor (CPU time)"
+    try:
+        import psutil  # noqa: F401 - what the monitor reads the machine with
+    except ImportError:
+        return Figure(NAME, name, None, "ms", note="skipped: psutil is not installed")
+    client = MlflowClient()
+    with mlflow.start_run(run_name="system-metrics-sample") as run:
+        monitor = SystemMetricsMonitor(run.info.run_id)
+
+        def sample() -> float:
+            started = time.thread_time()
+            monitor.collect_metrics()
+            client.get_run(run.info.run_id)  # the monitor asks on every sample
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()  # each sample logged at once: the worst case
+            return time.thread_time() - started
+
+        sample()
+        seconds = statistics.median(sample() for _ in range(10 if quick else 50))
+    return Figure(
+        NAME,
+        name,
+        seconds * 1000,
+        "ms",
+        reference=f"share of one core at one sample every {SYSTEM_METRICS_INTERVAL_SECONDS} s",
+        reference_value=100 * seconds / SYSTEM_METRICS_INTERVAL_SECONDS,
+        reference_unit="%",
+        estimate=quick,
+        note="median; SQLite store; time.thread_time of the sampling thread",
+    )
+
+
 def raw_mlflow(quick: bool) -> tuple[float, float]:
     """Median seconds of one mlflow.log_metric and of one start_run + end_run."""
     import mlflow
@@ -151,6 +194,7 @@ def run(context: Context) -> list[Figure]:
             ons.append(seconds)
             records.append(record)
         system_metrics = system_metrics_cost(config, splits, quick)
+        system_metrics.append(system_metrics_sample(quick))
         log("tracking: raw MLflow calls")
         log_metric, run_cycle = raw_mlflow(quick)
     off, on = statistics.median(offs), statistics.median(ons)
