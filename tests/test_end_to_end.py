@@ -341,7 +341,7 @@ def test_served_model_reads_png_base64(server, raw_mnist):
     ("body", "message"),
     [
         ({"inputs": [[0] * 783]}, "784 values or 28 rows of 28"),
-        ({"inputs": [[0] * 784, [0] * 783]}, "same shape"),
+        ({"inputs": [[0] * 784, [0] * 783]}, "inhomogeneous shape"),  # MLflow's own answer
         ({"inputs": [["a"] * 784]}, "numbers 0..255"),
         ({"inputs": [[300] * 784]}, "0..255"),
         ({"inputs": [[-1] * 784]}, "0..255"),
