@@ -15,3 +15,4 @@ TEST_SIZE = 10000
 PIXEL_MEAN = 0.1307
 PIXEL_STD = 0.3081
 PROGRESS_EVERY = 20  # batches between progress reports within an epoch (~0.5 s of CNN)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # image files `predict` picks from a folder

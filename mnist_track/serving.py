@@ -386,12 +386,11 @@ def _reason(error: Exception, kind: str) -> str:
     return f"not a readable {kind} image ({_short(str(error) or type(error).__name__)[:100]})"
 
 
-def read_image_file(path: str | os.PathLike) -> bytes:
-    """An image file's bytes for `predict`: a regular file of at most MAX_IMAGE_BYTES.
-
-    A FIFO, a device (/dev/zero) or a folder is refused before it is read: the file is
-    checked by name, then opened without blocking and checked again on the descriptor (it
-    may have been swapped in between), and at most MAX_IMAGE_BYTES + 1 bytes are read."""
+def open_regular_file(path: str | os.PathLike) -> io.BufferedReader:
+    """A regular file opened for binary reading, for `predict`. A FIFO, a device
+    (/dev/zero) or a folder is refused before it is read: the file is checked by name,
+    then opened without blocking and checked again on the descriptor (it may have been
+    swapped in between). Raises InvalidPixels."""
     label = str(path)
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -399,15 +398,23 @@ def read_image_file(path: str | os.PathLike) -> bytes:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
         raise InvalidPixels(f"{label}: {error.strerror or error}") from None
-    with open(descriptor, "rb", closefd=True) as file:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise InvalidPixels(f"{label}: not a regular file")
+    file = open(descriptor, "rb", closefd=True)  # noqa: SIM115 - the caller closes it
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        file.close()
+        raise InvalidPixels(f"{label}: not a regular file")
+    return file
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """An image file's bytes for `predict`: a regular file (`open_regular_file`) of at
+    most MAX_IMAGE_BYTES, of which at most MAX_IMAGE_BYTES + 1 bytes are read."""
+    with open_regular_file(path) as file:
         try:
             content = file.read(MAX_IMAGE_BYTES + 1)
         except OSError as error:
-            raise InvalidPixels(f"{label}: {error.strerror or error}") from None
+            raise InvalidPixels(f"{path}: {error.strerror or error}") from None
     if len(content) > MAX_IMAGE_BYTES:
-        raise InvalidPixels(f"{label}: larger than {MAX_IMAGE_BYTES:,} bytes")
+        raise InvalidPixels(f"{path}: larger than {MAX_IMAGE_BYTES:,} bytes")
     return content
 
 
