@@ -33,7 +33,7 @@ from bad_images import (
     png_bomb,
     png_declaring,
 )
-from conftest import run_cli
+from conftest import read_predictions, run_cli
 
 from mnist_track.serving import MAX_IMAGE_BYTES, MAX_IMAGE_FILES, MAX_IMAGES, MAX_MESSAGE
 
@@ -310,7 +310,7 @@ def test_predict_classifies_the_good_files_beside_a_bad_one(store, tmp_path, raw
         MLFLOW_TRACKING_URI=store["uri"],
     )
     assert result.returncode == 1, result.stderr
-    classified = [line.split("\t")[0] for line in result.stdout.strip().splitlines()]
+    classified = [row["source"] for row in read_predictions(result.stdout)]
     assert [Path(path).name for path in classified] == ["digit0.png", "digit1.png", "digit2.png"]
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 2, result.stderr
