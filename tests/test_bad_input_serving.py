@@ -157,6 +157,10 @@ HTTP_CASES = [
         Request(lambda: b'{"inputs": null}', "expected a non-empty list of images"),
         id="inputs-null",
     ),
+    pytest.param(
+        Request(lambda: b"a\n1,2\n", "needs 784 columns", content_type="text/csv"),
+        id="csv-of-one-column",
+    ),
     # MLflow's own answers, before the model (README, "Beyond loopback"):
     pytest.param(
         Request(lambda: nested(5000), "nested"),
@@ -169,8 +173,8 @@ HTTP_CASES = [
         marks=MLFLOW_BEFORE_THE_MODEL,
     ),
     pytest.param(
-        Request(lambda: b"a\n1,2\n", "CSV", content_type="text/csv"),
-        id="bad-csv-gets-a-traceback",
+        Request(lambda: b'"a\n1,2\n', "CSV", content_type="text/csv"),  # a quote left open
+        id="unparsable-csv-gets-a-traceback",
         marks=MLFLOW_BEFORE_THE_MODEL,
     ),
     pytest.param(
