@@ -19,11 +19,10 @@ from mnist_track.defaults import (
     DATA_DIR_ENV,
     DEFAULT_EXPERIMENT,
     DEFAULT_REGISTERED_MODEL,
+    IMAGE_SUFFIXES,
     STORAGE_ENV,
     SYSTEM_METRICS_INTERVAL_SECONDS,
 )
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 class IntList(click.ParamType):
@@ -258,53 +257,51 @@ def _device(name: str, threads: int | None = None):
     show_default=True,
     help="Any MLflow model URI: models:/NAME/3, runs:/ID/model, ...",
 )
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write the CSV to this file (made whole at the end) instead of stdout.",
+)
 @tracking_uri_option
-def predict(images, model_uri, tracking_uri) -> None:
-    """Classify PNG/JPEG digit images (files or folders) with a logged model."""
+def predict(images, model_uri, output, tracking_uri) -> None:
+    """Classify digit images with a logged model, into a CSV of source, index, digit and
+    probabilities p0..p9 (one row per image). IMAGES are PNG/JPEG files, folders of them,
+    or IDX image files such as MNIST's t10k-images-idx3-ubyte.gz.
+
+    An input that cannot be read is reported on stderr and the others are still scored
+    (exit status 1)."""
     paths = _image_paths(images)
     with domain_errors():
-        from mnist_track import tracking
+        from mnist_track import batch_scoring, tracking
+        from mnist_track.console import progress_bar
 
-        paths, pixels, unreadable = _read_images(paths)
+        errors: list[str] = []
+
+        def report(message: str) -> None:
+            errors.append(message)
+            click.echo(f"Error: {message}", err=True)
+
+        nothing_read = click.ClickException(f"none of the {len(paths)} inputs could be read")
+        sources = batch_scoring.sources_of(paths, on_error=report)
+        if not sources:
+            raise nothing_read
         tracking.use_tracking_uri(tracking_uri, create=False)  # reads: never makes a store
         # Built from the model's weights and architecture by this package: a model's own
         # code never runs here (a model we did not log is refused).
         from mnist_track.model_files import load_classifier
 
-        predictions = load_classifier(model_uri).predict(None, pixels)
-        for path, digit, probabilities in zip(
-            paths, predictions["digit"], predictions["probabilities"], strict=True
+        classifier = load_classifier(model_uri)
+        total = sum(source.count for source in sources)
+        with (
+            progress_bar(total, "scoring") as advance,
+            batch_scoring.predictions_csv(output) as written,
         ):
-            click.echo(f"{path}\t{digit}\t{max(probabilities):.4f}")
-    if unreadable:
+            batch_scoring.score(classifier, sources, written, on_error=report, on_progress=advance)
+        if not written.rows:
+            raise nothing_read
+    if errors:
         sys.exit(1)
-
-
-def _read_images(paths: list[Path]):
-    """(the readable paths, their pixels (N, 784), how many were not): each file that is
-    not a readable PNG/JPEG within the serving caps (or not a regular file: a FIFO, a
-    device) is reported on its own line on stderr, and the others are still classified."""
-    import warnings
-
-    import numpy as np
-    from PIL import Image
-
-    from mnist_track.serving import InvalidPixels, image_file_to_pixels, read_image_file
-
-    readable, rows = [], []
-    with warnings.catch_warnings():
-        # Pillow warns of sizes far beyond the cap, which is refused in one line anyway.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        for path in paths:
-            try:
-                rows.append(image_file_to_pixels(read_image_file(path), str(path)))
-            except InvalidPixels as error:
-                click.echo(f"Error: {error}", err=True)
-                continue
-            readable.append(path)
-    if not rows:
-        raise click.ClickException(f"none of the {len(paths)} images could be read")
-    return readable, np.stack(rows), len(paths) - len(readable)
 
 
 def _image_paths(arguments) -> list[Path]:

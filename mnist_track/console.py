@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -68,6 +69,17 @@ class EpochProgress:
         if self._bar_shown:
             click.echo("\r\033[K", err=True, nl=False)
             self._bar_shown = False
+
+
+@contextmanager
+def progress_bar(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A bar on stderr for `total` items, advanced by the function it yields (items just
+    done); on a terminal only, so logs and pipes get nothing."""
+    if not sys.stderr.isatty():
+        yield lambda done: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar.update
 
 
 def run_summary(outcome, registered_model: str | None, url: str | None = None) -> str:

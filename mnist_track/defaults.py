@@ -18,3 +18,4 @@ PROGRESS_EVERY = 20  # batches between progress reports within an epoch (~0.5 s 
 # MLflow samples system metrics every 10 s by default and logs nothing for a shorter run:
 # a trial of a few seconds would get none at all.
 SYSTEM_METRICS_INTERVAL_SECONDS = 2
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # image files `predict` picks from a folder

@@ -12,6 +12,9 @@ Accepted inputs, per image (all with `{"inputs": [...]}` or `{"instances": [...]
 - a base64 string of a PNG or JPEG file (any size within the caps below; grayscale-
   converted and resized to 28x28). Files are told apart by their signature, not their
   length, so a 784-byte PNG is read as a PNG.
+And as a table (a CSV body, `dataframe_split`, `dataframe_records`): one row per image,
+784 numeric columns in row-major pixel order, whatever their names (`pixel0..pixel783`
+is the documented header); or one column of base64 strings or of pixel arrays.
 
 The input is untrusted, so every request's work is bounded before anything is decoded:
 at most MAX_IMAGES images, of which at most MAX_IMAGE_FILES PNG/JPEG files, each at most
@@ -37,7 +40,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
-from mlflow.types import ColSpec, Schema, TensorSpec
+from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
 
 from mnist_track.data import normalize_pixels
@@ -47,6 +50,9 @@ from mnist_track.models import IMAGE_SIDE, build_model
 WEIGHTS_ARTIFACT = "weights"
 ARCHITECTURE_ARTIFACT = "architecture"
 N_PIXELS = IMAGE_SIDE * IMAGE_SIDE
+# The documented header of a pixel table (CSV, `dataframe_split`); any 784 names are read
+# the same, by position.
+PIXEL_COLUMNS = tuple(f"pixel{index}" for index in range(N_PIXELS))
 
 # The caps on one request (README, "Serving the model"; benchmarks/serving.py measures the
 # worst request they allow). Raw pixels cost microseconds an image; a PNG/JPEG file up to
@@ -98,10 +104,16 @@ def _short(text: str) -> str:
 
 
 def model_signature() -> ModelSignature:
-    # One object tensor of any shape: MLflow cannot express "784 or 28x28 numbers, or a
-    # base64 string" in a schema, so `decode_images` checks shape, type and range itself.
+    """Outputs only. MLflow cannot express "784 or 28x28 numbers, a base64 string, or a
+    784-column table" in an input schema, and every schema it has breaks one of them: a
+    tensor schema refuses CSV bodies (it has no pandas types) and tables of more than one
+    column; a column schema keeps only its own columns of a table. Without one, MLflow
+    hands the model what it parsed (numpy arrays from JSON lists, DataFrames from CSV and
+    `dataframe_*`) and `decode_images` checks shape, type and range itself. The price,
+    MLflow's and not the model's (README, "Beyond loopback"): JSON lists become numpy
+    arrays before the model sees them, so a `true` among numbers arrives as 1, and ragged
+    or mixed lists get MLflow's own 400."""
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(object), (-1,))]),
         outputs=Schema([ColSpec("long", "digit"), ColSpec(Array("double"), "probabilities")]),
     )
 
@@ -112,9 +124,7 @@ def decode_images(model_input) -> np.ndarray:
     Counts are checked first, then every string's length, base64 and signature, and only
     then are files decoded, one at a time."""
     if isinstance(model_input, pd.DataFrame):
-        model_input = model_input.to_numpy()
-        if model_input.ndim == 2 and model_input.shape[1] == 1:
-            model_input = model_input[:, 0]  # one column of strings or of arrays
+        return _decode_table(model_input)
     if isinstance(model_input, dict):
         names = [name[:20] for name in sorted(map(str, model_input))[:5]]  # quote little
         raise InvalidPixels(
@@ -128,20 +138,56 @@ def decode_images(model_input) -> np.ndarray:
     if len(model_input) > MAX_IMAGES:
         raise InvalidPixels(f"at most {MAX_IMAGES:,} images per request, got {len(model_input):,}")
     if is_list or model_input.ndim == 1:
-        kinds = {type(item) for item in model_input}
-        if kinds <= {str, bytes}:
+        # numpy's own str_/bytes_ too: MLflow parses a JSON list of strings into them.
+        texts = [issubclass(kind, (str, bytes)) for kind in {type(item) for item in model_input}]
+        if all(texts):
             return _decode_strings(model_input)
-        if kinds & {str, bytes}:
+        if any(texts):
             raise InvalidPixels(
                 "images must be all base64 strings or all arrays of numbers, not a mix"
             )
     return _check_pixels(_numbers(model_input))
 
 
+def _decode_table(table: pd.DataFrame) -> np.ndarray:
+    """A DataFrame (a CSV body, `dataframe_split`, `dataframe_records`): one row per image,
+    either 784 pixel columns (any names, in row-major order) or one column of images."""
+    rows, columns = table.shape
+    if columns == 1 and not pd.api.types.is_numeric_dtype(table.dtypes.iloc[0]):
+        return decode_images(table.iloc[:, 0].to_numpy())  # base64 strings or pixel arrays
+    if rows == 0:
+        raise InvalidPixels("expected a non-empty table of images (one row per image)")
+    if rows > MAX_IMAGES:
+        raise InvalidPixels(f"at most {MAX_IMAGES:,} images per request, got {rows:,} rows")
+    if columns != N_PIXELS:
+        hint = "; is the first an index? write the CSV without it" if columns == 785 else ""
+        raise InvalidPixels(
+            f"a table of pixels needs {N_PIXELS} columns, one per pixel in row-major order "
+            f"(e.g. pixel0..pixel783), got {columns:,}{hint}"
+        )
+    missing = table.isna().to_numpy()
+    if missing.any():
+        image, pixel = np.argwhere(missing)[0]
+        raise InvalidPixels(
+            f"pixel values must be numbers in 0..255; image {image}, pixel {pixel} is missing "
+            f"({int(missing.sum())} missing values in all)"
+        )
+    return _check_pixels(_numbers(table.to_numpy()))
+
+
 def _numbers(values) -> np.ndarray:
     """Pixel values as an array, each a real number: strings, booleans, None and nested
     lists of different lengths are refused, not converted."""
     if isinstance(values, np.ndarray) and values.dtype != object:
+        if values.dtype.kind == "b" and values.size:  # every value is a boolean
+            where = "image 0, pixel 0" if values.ndim > 1 else "value 0"
+            raise InvalidPixels(
+                f"pixel values must be numbers 0..255; {where} is {_kind_of(values.flat[0])}"
+            )
+        if values.dtype.kind in "US":
+            # MLflow turned the JSON list into strings, numbers among them: which value was
+            # sent as a string is lost, so none is named.
+            raise InvalidPixels('pixel values must be numbers 0..255, not strings (7, not "7")')
         if values.dtype.kind not in "iuf":
             raise InvalidPixels(f"pixel values must be numbers 0..255, got {values.dtype} values")
         return values
@@ -161,13 +207,31 @@ def _numbers(values) -> np.ndarray:
         )
     if not all(_is_number_type(kind) for kind in kinds):
         flat = values.reshape(-1)
-        index = next(i for i, value in enumerate(flat) if not _is_number_type(type(value)))
+        index = _first_non_number(flat)
         image, pixel = divmod(index, values[0].size if values.ndim > 1 else len(flat))
         where = f"image {image}, pixel {pixel}" if values.ndim > 1 else f"value {index}"
         raise InvalidPixels(
             f"pixel values must be numbers 0..255; {where} is {_kind_of(flat[index])}"
         )
     return values
+
+
+def _first_non_number(flat: np.ndarray) -> int:
+    """The value to name in a refusal: the first that is no number even as text (a CSV
+    column with one word in it is read as text, its numbers too), else the first that is
+    not a number."""
+    others = [index for index, value in enumerate(flat) if not _is_number_type(type(value))]
+    return next((index for index in others if not _is_numeric_text(flat[index])), others[0])
+
+
+def _is_numeric_text(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_number_type(kind: type) -> bool:
@@ -322,12 +386,11 @@ def _reason(error: Exception, kind: str) -> str:
     return f"not a readable {kind} image ({_short(str(error) or type(error).__name__)[:100]})"
 
 
-def read_image_file(path: str | os.PathLike) -> bytes:
-    """An image file's bytes for `predict`: a regular file of at most MAX_IMAGE_BYTES.
-
-    A FIFO, a device (/dev/zero) or a folder is refused before it is read: the file is
-    checked by name, then opened without blocking and checked again on the descriptor (it
-    may have been swapped in between), and at most MAX_IMAGE_BYTES + 1 bytes are read."""
+def open_regular_file(path: str | os.PathLike) -> io.BufferedReader:
+    """A regular file opened for binary reading, for `predict`. A FIFO, a device
+    (/dev/zero) or a folder is refused before it is read: the file is checked by name,
+    then opened without blocking and checked again on the descriptor (it may have been
+    swapped in between). Raises InvalidPixels."""
     label = str(path)
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -335,15 +398,23 @@ def read_image_file(path: str | os.PathLike) -> bytes:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
         raise InvalidPixels(f"{label}: {error.strerror or error}") from None
-    with open(descriptor, "rb", closefd=True) as file:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise InvalidPixels(f"{label}: not a regular file")
+    file = open(descriptor, "rb", closefd=True)  # noqa: SIM115 - the caller closes it
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        file.close()
+        raise InvalidPixels(f"{label}: not a regular file")
+    return file
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """An image file's bytes for `predict`: a regular file (`open_regular_file`) of at
+    most MAX_IMAGE_BYTES, of which at most MAX_IMAGE_BYTES + 1 bytes are read."""
+    with open_regular_file(path) as file:
         try:
             content = file.read(MAX_IMAGE_BYTES + 1)
         except OSError as error:
-            raise InvalidPixels(f"{label}: {error.strerror or error}") from None
+            raise InvalidPixels(f"{path}: {error.strerror or error}") from None
     if len(content) > MAX_IMAGE_BYTES:
-        raise InvalidPixels(f"{label}: larger than {MAX_IMAGE_BYTES:,} bytes")
+        raise InvalidPixels(f"{path}: larger than {MAX_IMAGE_BYTES:,} bytes")
     return content
 
 

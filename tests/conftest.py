@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import subprocess
 import sys
@@ -111,6 +113,16 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, cwd=None, **en
             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         )
     return result
+
+
+def read_predictions(text: str) -> list[dict[str, str]]:
+    """The CSV `mnist-track predict` writes (source, index, digit, p0..p9), a dict a row."""
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def confidence(row: dict[str, str]) -> float:
+    """The probability of the predicted digit in a row of `read_predictions`."""
+    return float(row[f"p{row['digit']}"])
 
 
 # Fixture modules imported by test modules: their asserts explain themselves too.

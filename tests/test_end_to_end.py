@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BIN_DIR, REPO_ROOT, cli_env, run_cli
+from conftest import BIN_DIR, REPO_ROOT, cli_env, confidence, read_predictions, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -167,13 +167,13 @@ def test_predict_command_reads_png_files(store, raw_mnist, tmp_path):
         str(tmp_path),
         MLFLOW_TRACKING_URI=store["uri"],
     )
-    lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
-    assert len(lines) == 21
-    predicted = {Path(path).name: int(digit) for path, digit, _ in lines}
+    rows = read_predictions(result.stdout)
+    assert len(rows) == 21
+    predicted = {Path(row["source"]).name: int(row["digit"]) for row in rows}
     correct = sum(predicted[f"digit{i:02d}.png"] == labels[i] for i in range(20))
-    assert correct >= 16, lines
+    assert correct >= 16, rows
     assert predicted["paper.jpg"] == labels[0]
-    assert all(0.0 < float(confidence) <= 1.0 for *_, confidence in lines)
+    assert all(0.0 < confidence(row) <= 1.0 for row in rows)
 
 
 # --- bad input -------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def test_served_model_reads_png_base64(server, raw_mnist):
     ("body", "message"),
     [
         ({"inputs": [[0] * 783]}, "784 values or 28 rows of 28"),
-        ({"inputs": [[0] * 784, [0] * 783]}, "same shape"),
+        ({"inputs": [[0] * 784, [0] * 783]}, "inhomogeneous shape"),  # MLflow's own answer
         ({"inputs": [["a"] * 784]}, "numbers 0..255"),
         ({"inputs": [[300] * 784]}, "0..255"),
         ({"inputs": [[-1] * 784]}, "0..255"),

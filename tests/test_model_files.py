@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import confidence, read_predictions, run_cli
 from mlflow import MlflowClient
 
 MODEL = "files-model"
@@ -84,8 +84,7 @@ def predict(store, model_uri: str, check: bool = True):
 
 
 def predictions(result) -> list[tuple[int, float]]:
-    lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
-    return [(int(digit), float(confidence)) for _path, digit, confidence in lines]
+    return [(int(row["digit"]), confidence(row)) for row in read_predictions(result.stdout)]
 
 
 def pyfunc_predictions(model_uri: str, pixels: np.ndarray) -> list[tuple[int, float]]:
