@@ -7,7 +7,8 @@ normalization constants.
 
 Accepted inputs, per image (all with `{"inputs": [...]}` or `{"instances": [...]}`):
 - 784 numbers, or 28 rows of 28 numbers, each 0..255 (plain JSON arrays; JSON numbers
-  only: strings and booleans are refused);
+  only: strings and booleans are refused, but for a boolean among numbers, which MLflow's
+  parsing has made a number before the model sees it);
 - a base64 string of the 784 raw uint8 pixels, row-major (compact: ~4x smaller, fast);
 - a base64 string of a PNG or JPEG file (any size within the caps below; grayscale-
   converted and resized to 28x28). Files are told apart by their signature, not their
