@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,21 @@ def confidence(row: dict[str, str]) -> float:
 
 # Fixture modules imported by test modules: their asserts explain themselves too.
 pytest.register_assert_rewrite("browser", "postgres", "stores", "tracking_server")
+
+
+@contextmanager
+def in_sqlite_store(folder: Path):
+    """MLflow pointed at a SQLite store in `folder` (also the working directory, where such
+    a store keeps its artifacts, ./mlruns) for a module-scoped fixture, which cannot use
+    monkeypatch; both are put back after. Yields the tracking URI."""
+    import mlflow
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    previous, cwd = mlflow.get_tracking_uri(), os.getcwd()
+    mlflow.set_tracking_uri(uri)
+    os.chdir(folder)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(previous)
+        os.chdir(cwd)

@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import confidence, read_predictions
+from conftest import confidence, in_sqlite_store, read_predictions
 from PIL import Image
 
 from mnist_track import batch_scoring, console
@@ -52,21 +52,13 @@ def write(path, content: bytes, compress: bool = False):
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory, small_splits):
     """A store with one tiny trained model, registered as version 1: its tracking URI."""
-    folder = tmp_path_factory.mktemp("batch-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    previous, cwd = mlflow.get_tracking_uri(), os.getcwd()
-    mlflow.set_tracking_uri(uri)
-    os.chdir(folder)  # a SQLite store keeps artifacts in ./mlruns
-    try:
+    with in_sqlite_store(tmp_path_factory.mktemp("batch-store")) as uri:
         train_and_track(
             TrainConfig(epochs=2, hidden_sizes=(64,), lr=3e-3),
             small_splits,
             experiment="batch-scoring",
             registered_model=MODEL,
         )
-    finally:
-        mlflow.set_tracking_uri(previous)
-        os.chdir(cwd)
     return uri
 
 

@@ -5,13 +5,13 @@ test metrics linked to it."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import mlflow
 import numpy as np
 import pytest
+from conftest import in_sqlite_store
 from mlflow import MlflowClient
 
 from mnist_track import tracking
@@ -23,21 +23,13 @@ from mnist_track.runs import train_and_track
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory, small_splits):
     """One tiny tracked run in a SQLite store of its own: (tracking URI, outcome)."""
-    folder = tmp_path_factory.mktemp("logged")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    previous, cwd = mlflow.get_tracking_uri(), os.getcwd()
-    mlflow.set_tracking_uri(uri)
-    os.chdir(folder)  # a SQLite store keeps artifacts in ./mlruns
-    try:
+    with in_sqlite_store(tmp_path_factory.mktemp("logged")) as uri:
         outcome = train_and_track(
             TrainConfig(epochs=1, hidden_sizes=(32,)),
             small_splits,
             experiment="logged-model",
             registered_model="logged-model",
         )
-    finally:
-        mlflow.set_tracking_uri(previous)
-        os.chdir(cwd)
     return uri, outcome
 
 
