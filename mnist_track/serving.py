@@ -108,12 +108,16 @@ def model_signature() -> ModelSignature:
     """Outputs only. MLflow cannot express "784 or 28x28 numbers, a base64 string, or a
     784-column table" in an input schema, and every schema it has breaks one of them: a
     tensor schema refuses CSV bodies (it has no pandas types) and tables of more than one
-    column; a column schema keeps only its own columns of a table. Without one, MLflow
-    hands the model what it parsed (numpy arrays from JSON lists, DataFrames from CSV and
-    `dataframe_*`) and `decode_images` checks shape, type and range itself. The price,
-    MLflow's and not the model's (README, "Beyond loopback"): JSON lists become numpy
-    arrays before the model sees them, so a `true` among numbers arrives as 1, and ragged
-    or mixed lists get MLflow's own 400."""
+    column; a column schema keeps only its own columns of a table, and of a JSON list,
+    which pyfunc makes a table first. `AnyType`, under which MLflow's parsing leaves a
+    JSON list as it is, is such a column type, and has no pandas type for CSV bodies
+    either (tests/test_serving_parsing.py). Without a schema, MLflow hands the model what
+    it parsed (numpy arrays from JSON lists, DataFrames from CSV and `dataframe_*`) and
+    `decode_images` checks shape, type and range itself. The price, MLflow's and not the
+    model's (README, "Beyond loopback"): a JSON list becomes one numpy array before the
+    model sees it, so a list of strings takes 4 bytes per character of the longest times
+    their count (up to about a quarter of the body's size squared), a `true` among
+    numbers arrives as 1, and ragged or mixed lists get MLflow's own 400."""
     return ModelSignature(
         outputs=Schema([ColSpec("long", "digit"), ColSpec(Array("double"), "probabilities")]),
     )
