@@ -274,11 +274,16 @@ SHARES = (
 
 
 class FigureJob:
-    """A run's figures being drawn in the worker processes; `pngs()` waits for them, or
-    draws here what a dead worker did not."""
+    """Figures being drawn in the worker processes; `pngs()` waits for them, or draws
+    here what a dead worker did not."""
 
-    def __init__(self, futures: list[tuple[Future, tuple[str, ...]]], data: dict[str, Any]):
-        self.futures, self.data = futures, data
+    def __init__(
+        self,
+        futures: list[tuple[Future, tuple[str, ...]]],
+        draw: Callable[[Any, Collection[str]], dict[str, bytes]],
+        data: Any,
+    ) -> None:
+        self.futures, self.draw, self.data = futures, draw, data
 
     def pngs(self) -> dict[str, bytes]:
         global _pool
@@ -288,7 +293,7 @@ class FigureJob:
                 pngs |= future.result()
             except BrokenProcessPool:
                 _pool = None
-                pngs |= render_run_figures(self.data, names)
+                pngs |= self.draw(self.data, names)
         return pngs
 
     def then(self, use: Callable[[dict[str, bytes]], None]) -> Future:
@@ -331,17 +336,27 @@ def _warm_up() -> None:
 def render_async(data: dict[str, Any]) -> FigureJob:
     """Start drawing a run's figures in the worker processes (spawned once, reused), so
     the caller can log the model meanwhile: training has left both cores free."""
+    return in_workers(render_run_figures, data, SHARES)
+
+
+def in_workers(
+    draw: Callable[[Any, Collection[str]], dict[str, bytes]],
+    data: Any,
+    shares: Sequence[tuple[str, ...]],
+) -> FigureJob:
+    """Start `draw(data, share)` for each share of figure names, one share per worker
+    process at once; `draw` must be a module-level function (it is pickled by name)."""
     global _pool
     futures: list[tuple[Future, tuple[str, ...]]] = []
-    for names in SHARES:
+    for names in shares:
         try:
-            future = _figure_pool().submit(render_run_figures, data, names)
+            future = _figure_pool().submit(draw, data, names)
         except (BrokenProcessPool, RuntimeError, OSError):
             _pool = None
             future = Future()
-            future.set_result(render_run_figures(data, names))
+            future.set_result(draw(data, names))
         futures.append((future, names))
-    return FigureJob(futures, data)
+    return FigureJob(futures, draw, data)
 
 
 def _follow_parent(parent_pid: int) -> None:

@@ -1,7 +1,7 @@
-"""Optuna studies, the only module that imports optuna: search space -> TrainConfig, the
-objective (one tracked run per trial), pruning, warm-start trials, the early stop,
-storage, resume, several workers on one study, reconciliation after kills, and the study
-summary.
+"""Optuna studies: search space -> TrainConfig, the objective (one tracked run per
+trial), pruning, warm-start trials, the early stop, storage, resume, several workers on
+one study, reconciliation after kills, and the study summary. With study_plots.py (the
+summary's plots), the only module that imports optuna.
 
 MLflow layout: one parent run per study, one nested run `trial-<n>` per trial. Each side
 finds the other: the trial's user attribute `mlflow_run_id`, the run's `optuna.*` tags.
@@ -34,7 +34,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_track import descriptions, timings, tracking
+from mnist_track import descriptions, study_plots, timings, tracking
 from mnist_track.config import (
     SCALAR_SEARCH_KEYS,
     CategoricalParam,
@@ -820,6 +820,10 @@ def log_study_summary(parent: tracking.RunLog, result: StudyResult, config: Stud
         if "test_accuracy" in best.user_attrs:
             metrics["best/test_accuracy"] = best.user_attrs["test_accuracy"]
         metrics["best/trial"] = best.number
+    # Optuna's plots are most of the summary's time: drawn in the figure workers while
+    # the rest is logged here.
+    trials = result.study.get_trials(deepcopy=False)
+    plotting = study_plots.render_async(result.study) if study_plots.plot_names(trials) else None
     parent.log_metrics(metrics, step=len(result.study.trials))
     tags = {descriptions.NOTE_TAG: _study_note(config, best, result.stopped)}
     if STOPPED_ATTR in result.study.user_attrs:  # stopped once; "no" if it then went on
@@ -832,47 +836,16 @@ def log_study_summary(parent: tracking.RunLog, result: StudyResult, config: Stud
         path = Path(folder) / "trials.csv"
         table.to_csv(path, index=False)
         parent.log_artifact(path, "study")
-    for name, figure in study_figures(result.study):
-        parent.log_figure(figure, f"study/{name}.png")
-
-
-def study_figures(study: optuna.Study):
-    """Optuna's matplotlib plots that this study has enough trials for."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as optuna_plots
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    plotters: dict[str, Callable] = {
-        "optimization_history": optuna_plots.plot_optimization_history,
-        "intermediate_values": optuna_plots.plot_intermediate_values,
-        "slice": optuna_plots.plot_slice,
-        "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
-    }
-    if len(complete) >= 2 and _varied_params(complete):
-        plotters["param_importances"] = optuna_plots.plot_param_importances
-    for name, plot in plotters.items():
-        if not complete:
-            break
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = plot(study)
-        except Exception as error:  # noqa: BLE001 - a plot that cannot be drawn is skipped
-            logging.getLogger(__name__).warning("study plot %s skipped: %s", name, error)
-            continue
-        first = axes.flat[0] if hasattr(axes, "flat") else axes
-        figure = first.figure
-        figure.set_size_inches(max(figure.get_figwidth(), 8), max(figure.get_figheight(), 5))
-        yield name, figure
-        plt.close(figure)
-
-
-def _varied_params(trials: list[FrozenTrial]) -> bool:
-    names = {name for trial in trials for name in trial.params}
-    return any(len({repr(t.params.get(n)) for t in trials}) > 1 for n in names)
+    pngs = {}
+    try:
+        pngs = plotting.pngs() if plotting is not None else {}
+    except Exception as error:  # noqa: BLE001 - the plots are not worth the summary
+        logging.getLogger(__name__).warning("study plots skipped: %s", error)
+    for name in study_plots.plot_names(trials):
+        if f"{name}.png" not in pngs:
+            logging.getLogger(__name__).warning("study plot %s skipped: Optuna failed", name)
+    if pngs:
+        parent.log_pngs(pngs, "study")
 
 
 def _sqlite_file(storage_url: str) -> str | None:

@@ -175,7 +175,14 @@ def test_study_end_to_end(first_study):
     assert parent.data.params["study.n_trials"] == "3"
     study_files = [a.path for a in client.list_artifacts(parent.info.run_id, "study")]
     assert "study/trials.csv" in study_files
-    assert any(path.endswith(".png") for path in study_files)
+    plots = {path.removeprefix("study/") for path in study_files if path.endswith(".png")}
+    assert plots == {
+        "optimization_history.png",
+        "intermediate_values.png",
+        "slice.png",
+        "parallel_coordinate.png",
+        "param_importances.png",
+    }
     table = Path(client.download_artifacts(parent.info.run_id, "study/trials.csv"))
     assert len(table.read_text().strip().splitlines()) == 1 + 3
 
