@@ -2,7 +2,9 @@
 requests and images/s of 256-image batches, for plain JSON arrays and for the compact
 base64 format, with 1 and 4 concurrent clients (threads, one keep-alive connection each);
 and the input caps under load: 20 concurrent requests of the worst input the caps allow
-beside 20 of one small image, with the wall time and the server's peak RSS."""
+beside 20 of one small image, with the wall time and the server's peak RSS; and the same
+against `mnist-track serve` (the same model behind mnist_track.serving_guard), which
+refuses that request before MLflow parses it, with the largest mixed request it accepts."""
 
 from __future__ import annotations
 
@@ -64,29 +66,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Server:
-    """`mlflow models serve` in its own process group, stopped (group and all) on exit."""
+MLFLOW_SERVE = "mlflow models serve"
+GUARDED_SERVE = "mnist-track serve"
 
-    def __init__(self, store, log_path: Path) -> None:
+
+class Server:
+    """`mlflow models serve` (or `mnist-track serve`) in its own process group, stopped
+    (group and all) on exit."""
+
+    def __init__(self, store, log_path: Path, command: str = MLFLOW_SERVE) -> None:
         self.port = free_port()
+        self.command = command
         env = dict(os.environ)
         env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"  # uvicorn is run from PATH
         env["MLFLOW_TRACKING_URI"] = store.uri
         self.log_file = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        if command == MLFLOW_SERVE:
+            arguments = ["mlflow", "models", "serve", "-m", f"models:/{MODEL}/1"]
+            arguments += ["--env-manager", "local"]
+        else:
+            arguments = ["mnist-track", "serve", f"models:/{MODEL}/1"]
+        arguments[0] = str(BIN_DIR / arguments[0])
         self.process = subprocess.Popen(
-            [
-                str(BIN_DIR / "mlflow"),
-                "models",
-                "serve",
-                "-m",
-                f"models:/{MODEL}/1",
-                "--env-manager",
-                "local",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
+            [*arguments, "--host", "127.0.0.1", "--port", str(self.port)],
             env=env,
             cwd=store.folder,
             stdout=self.log_file,
@@ -100,15 +102,13 @@ class Server:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow models serve exited:\n{self.log_path.read_text()[-3000:]}"
-                )
+                raise RuntimeError(f"{self.command} exited:\n{self.log_path.read_text()[-3000:]}")
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=2).close()
                 return time.perf_counter() - started
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError(f"mlflow models serve did not answer /ping in {START_TIMEOUT} s")
+        raise RuntimeError(f"{self.command} did not answer /ping in {START_TIMEOUT} s")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -277,6 +277,7 @@ def run(context: Context) -> list[Figure]:
         finally:
             log("serving: stopping the server")
             server.stop()
+        figures += guarded_figures(store, images[0], labels[:BATCH], batches, quick)
     workers = os.environ.get("MLFLOW_MODELS_WORKERS", "1 (MLflow's default)")
     figures.append(
         Figure(
@@ -479,61 +480,128 @@ def burst(port: int, body: bytes, clients: int) -> tuple[float, list[int]]:
     return released_together(threads, barrier), statuses
 
 
+def bursts(server: Server, requests: dict[str, tuple[bytes, int]]) -> dict[str, tuple]:
+    """Per named (body, expected status): BURST of it at once, (wall s, server peak RSS MiB,
+    RSS before MiB), the peak reset before each burst."""
+    pids = process_tree(server.process.pid)
+    results = {}
+    for name, (request, expected) in requests.items():
+        reset_peak_rss(pids)
+        baseline = peak_rss(pids)
+        seconds, statuses = burst(server.port, request, BURST)
+        if statuses != [expected] * BURST:
+            raise RuntimeError(
+                f"{server.command}, {name} burst: statuses {sorted(set(statuses))}, "
+                f"not all {expected}"
+            )
+        results[name] = seconds, peak_rss(pids), baseline
+    return results
+
+
+def small_body(digit) -> bytes:
+    return json.dumps({"inputs": [base64.b64encode(digit.tobytes()).decode()]}).encode()
+
+
 def caps_figures(server: Server, digit, quick: bool) -> list[Figure]:
     """BURST concurrent requests of the worst input the caps allow against BURST of one
     small image: wall time and the server's peak RSS (VmHWM, reset before each burst)."""
     from mnist_track.serving import MAX_IMAGE_FILES, MAX_IMAGES
 
     body, worst = worst_body(digit)
-    small = json.dumps({"inputs": [base64.b64encode(digit.tobytes()).decode()]}).encode()
-    pids = process_tree(server.process.pid)
-    results = {}
-    for name, request in (("small", small), ("worst", body)):
-        reset_peak_rss(pids)
-        baseline = peak_rss(pids)
-        seconds, statuses = burst(server.port, request, BURST)
-        if statuses != [200] * BURST:
-            raise RuntimeError(f"{name} burst: statuses {sorted(set(statuses))}, not all 200")
-        results[name] = seconds, peak_rss(pids), baseline
-    (small_s, small_peak, base), (worst_s, worst_peak, _) = results["small"], results["worst"]
+    results = bursts(server, {"small": (small_body(digit), 200), "worst": (body, 200)})
     note = (
         f"{BURST} requests at once, one connection each; worst request: {len(body) / 1e6:.1f} MB, "
         f"{MAX_IMAGE_FILES} files at every per-file cap ({worst}) and raw images up to "
-        f"{MAX_IMAGES:,}; RSS before: {base:.0f} MiB"
+        f"{MAX_IMAGES:,}; RSS before: {results['small'][2]:.0f} MiB"
     )
+    # README: at most ~16 MiB per worst request in flight (its body, parsed, its pixels,
+    # and one file decoded at a time). All answered within MLflow's request timeout (60 s).
+    return burst_figures(
+        MLFLOW_SERVE, "worst-case", results["worst"], results["small"], note, quick
+    )
+
+
+def burst_figures(
+    command: str, what: str, result: tuple, small: tuple, note: str, quick: bool
+) -> list[Figure]:
+    """Wall time and peak RSS of BURST concurrent requests against BURST 1-image ones."""
+    (seconds, peak, _), (small_s, small_peak, _) = result, small
+    prefix = "caps" if command == MLFLOW_SERVE else GUARDED_SERVE
+    reference = f"{BURST} concurrent 1-image requests"
+    common = dict(reference=reference, ratio_of="worst / small", estimate=quick, note=note)
     return [
         Figure(
             NAME,
-            f"caps: {BURST} concurrent worst-case requests, wall time",
-            worst_s,
+            f"{prefix}: {BURST} concurrent {what} requests, wall time",
+            seconds,
             "s",
-            reference=f"{BURST} concurrent 1-image requests",
             reference_value=small_s,
             reference_unit="s",
-            ratio=worst_s / small_s,
-            ratio_of="worst / small",
-            # All answered within MLflow's request timeout (60 s; then 504).
+            ratio=seconds / small_s,
             target=("value", "<", 60),
-            estimate=quick,
-            note=note,
+            **common,
         ),
         Figure(
             NAME,
-            f"caps: {BURST} concurrent worst-case requests, server peak RSS",
-            worst_peak,
+            f"{prefix}: {BURST} concurrent {what} requests, server peak RSS",
+            peak,
             "MiB",
-            reference=f"{BURST} concurrent 1-image requests",
             reference_value=small_peak,
             reference_unit="MiB",
-            ratio=worst_peak / small_peak,
-            ratio_of="worst / small",
-            # README: at most ~16 MiB per worst request in flight (its body, parsed, its
-            # pixels, and one file decoded at a time).
+            ratio=peak / small_peak,
             target=("value", "<=", small_peak + 16 * BURST),
-            estimate=quick,
-            note=note,
+            **common,
         ),
     ]
+
+
+def largest_guarded_body(digit) -> bytes:
+    """The largest mixed request mnist-track serve accepts: MAX_IMAGE_FILES files at the
+    byte cap and raw images up to the guard's bound on MLflow's padded strings."""
+    from mnist_track.serving import MAX_IMAGE_FILES
+    from mnist_track.serving_guard import MAX_PARSED_BYTES
+
+    png = base64.b64encode(worst_files()["PNG"]).decode()
+    count = MAX_PARSED_BYTES // (4 * len(png))
+    raw = base64.b64encode(digit.tobytes()).decode()
+    images = [png] * MAX_IMAGE_FILES + [raw] * (count - MAX_IMAGE_FILES)
+    return json.dumps({"inputs": images}).encode()
+
+
+def guarded_figures(store, digit, labels, batches: dict, quick: bool) -> list[Figure]:
+    """`mnist-track serve`: the caps' worst request (refused before MLflow parses it) and
+    the largest mixed one it accepts, BURST at once each, against BURST 1-image ones."""
+    server = Server(store, store.folder / "guarded.log", GUARDED_SERVE)
+    try:
+        log("serving: starting mnist-track serve")
+        server.wait_ready()
+        client = Client(server.port)
+        check_answer(client, batches["compact base64"][0], labels)
+        client.close()
+        worst, _ = worst_body(digit)
+        largest = largest_guarded_body(digit)
+        log(f"serving: mnist-track serve, {BURST} concurrent worst-case requests")
+        results = bursts(
+            server,
+            {"small": (small_body(digit), 200), "worst": (worst, 400), "largest": (largest, 200)},
+        )
+    finally:
+        server.stop()
+    base = results["small"][2]
+    worst_note = (
+        f"{BURST} requests at once; the caps' worst request ({len(worst) / 1e6:.1f} MB), "
+        f"refused with 400 before MLflow parses it; RSS before: {base:.0f} MiB"
+    )
+    largest_note = (
+        f"{BURST} requests at once; {len(json.loads(largest)['inputs'])} images "
+        f"({len(largest) / 1e6:.1f} MB): 16 PNGs at every per-file cap and raw images, as many "
+        f"as the guard's bound on MLflow's padded strings allows; RSS before: {base:.0f} MiB"
+    )
+    return burst_figures(
+        GUARDED_SERVE, "worst-case", results["worst"], results["small"], worst_note, quick
+    ) + burst_figures(
+        GUARDED_SERVE, "largest accepted", results["largest"], results["small"], largest_note, quick
+    )
 
 
 def released_together(threads: list[threading.Thread], barrier: threading.Barrier) -> float:

@@ -466,6 +466,27 @@ def studies(storage, tracking_uri) -> None:
 
 
 @main.command()
+@click.argument("model_uri")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
+@tracking_uri_option
+def serve(model_uri, host, port, workers, tracking_uri) -> None:
+    """Serve MODEL_URI (models:/NAME@champion, models:/NAME/3, runs:/ID/model, a path)
+    with MLflow's scoring server behind a guard that refuses, before MLflow parses them,
+    bodies over 16 MiB and JSON that would take far more memory parsed than sent.
+
+    Same protocol and formats as `mlflow models serve --env-manager local`; it runs the
+    model's own code, so serve only models you trust."""
+    with domain_errors():
+        from mnist_track import serve as serving_app
+        from mnist_track import tracking
+
+        tracking.use_tracking_uri(tracking_uri, create=False)
+        serving_app.serve(model_uri, host, port, workers)
+
+
+@main.command()
 @click.argument("registered_model")
 @click.argument("version")
 @click.option("--alias", default=CHAMPION_ALIAS, show_default=True)

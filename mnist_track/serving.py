@@ -117,7 +117,8 @@ def model_signature() -> ModelSignature:
     model's (README, "Beyond loopback"): a JSON list becomes one numpy array before the
     model sees it, so a list of strings takes 4 bytes per character of the longest times
     their count (up to about a quarter of the body's size squared), a `true` among
-    numbers arrives as 1, and ragged or mixed lists get MLflow's own 400."""
+    numbers arrives as 1, and ragged or mixed lists get MLflow's own 400. `mnist-track
+    serve` refuses those before MLflow parses them (`serving_guard.py`)."""
     return ModelSignature(
         outputs=Schema([ColSpec("long", "digit"), ColSpec(Array("double"), "probabilities")]),
     )

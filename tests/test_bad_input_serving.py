@@ -6,7 +6,8 @@ classified. The model is trained and served by the fixtures of test_end_to_end.p
 
 The few answers MLflow's scoring server gives before the model runs, and which the model
 cannot change (README, "Beyond loopback"), are in the table as strict xfails: when MLflow
-fixes one, the test says so."""
+fixes one, the test says so. `mnist-track serve` answers all but the CSV one itself, before
+MLflow parses the body: tests/test_serve_e2e.py sends it the same cases."""
 
 from __future__ import annotations
 

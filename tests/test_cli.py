@@ -89,6 +89,26 @@ def test_reading_commands_refuse_a_store_that_does_not_exist(cli, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((), "Missing argument 'MODEL_URI'"),
+        (("m", "--port", "0"), "0 is not in the range 1<=x<=65535"),
+        (("m", "--workers", "0"), "0 is not in the range x>=1"),
+    ],
+)
+def test_serve_usage_errors(cli, args, message):
+    result = cli("serve", *args)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_serve_refuses_a_store_that_does_not_exist(cli, tmp_path):
+    result = cli("serve", "models:/mnist-classifier@champion")
+    assert result.exit_code == 1
+    assert "no MLflow tracking store at" in error_line(result)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- the commands ------------------------------------------------------------------------
 
 

@@ -1,7 +1,8 @@
 """What MLflow's scoring server does to a request before the model sees it, under the
 model's signature (mnist_track.serving.model_signature): the price of having no input
 schema, and why no schema MLflow has avoids it. Both are strict xfails: when MLflow
-changes, the test says so (README, "Beyond loopback")."""
+changes, the test says so (README, "Beyond loopback"). `mnist-track serve` refuses such a
+list before MLflow parses it (tests/test_serving_guard.py, tests/test_serve_e2e.py)."""
 
 from __future__ import annotations
 
