@@ -144,6 +144,7 @@ def train_and_track(
                     result.model.state_dict(),
                     architecture_of(config),
                     example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
+                    params=config.to_params(),
                 )
             with timings.phase("final metrics"):
                 log.log_metrics(final_metrics(result, report), model_uri=model_uri)
