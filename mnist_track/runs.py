@@ -136,9 +136,7 @@ def train_and_track(
                 lambda pngs: log.log_pngs(pngs, "plots")
             )
         try:
-            # MLflow links a new model to the run's metrics so far: they must all be in.
-            with timings.phase("params and epoch metrics (flush)"):
-                log.flush()
+            # The epoch metrics may still be on their way: the run's end waits for them.
             with timings.phase("model logging"):
                 model_uri = tracking.log_model(
                     result.model.state_dict(),
@@ -146,8 +144,8 @@ def train_and_track(
                     example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
                     params=config.to_params(),
                 )
-            with timings.phase("final metrics"):
-                log.log_metrics(final_metrics(result, report), model_uri=model_uri)
+            # Sent while the figures upload; the run's end waits for them too.
+            log.log_metrics(final_metrics(result, report), model_uri=model_uri, background=True)
             fault_point("after_model_logging")
         except BaseException:
             # Never end the run while its plots still upload; the first error is the one.

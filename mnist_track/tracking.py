@@ -24,7 +24,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version as installed_version
@@ -235,6 +235,33 @@ def ensure_experiment(name: str) -> str:
 
 # One thread: background requests of a run are made in the order they were asked for.
 _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-background")
+
+UPLOAD_THREADS = 4  # files of one folder sent at once (a model is 16 small files)
+_uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="mlflow-upload")
+
+
+def _artifact_repository(artifact_uri: str):
+    """The artifact store at a run's or a logged model's artifact URI, without asking the
+    tracking server where that is."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(artifact_uri, tracking_uri=mlflow.get_tracking_uri())
+
+
+def upload_folder(repository, folder: str | Path, artifact_path: str | None = None) -> None:
+    """Every file under `folder` into `repository` (under `artifact_path`), several at a
+    time: through a tracking server each file is one request, and MLflow sends them one
+    after another."""
+    folder = Path(folder)
+    uploads = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        parts = [artifact_path, path.parent.relative_to(folder).as_posix()]
+        parts = [part for part in parts if part and part != "."]
+        target = posixpath.join(*parts) if parts else None
+        uploads.append(_uploads.submit(repository.log_artifact, str(path), target))
+    wait(uploads)  # all of them, before the caller's folder goes: then the first error
+    for upload in uploads:
+        upload.result()
 
 
 @dataclass
@@ -648,7 +675,10 @@ def log_model(
         experiment_id=run.info.experiment_id,
     )
     try:
-        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        # The run's link to its model, sent while the model is saved.
+        linked = _uploads.submit(
+            client.log_outputs, run_id, [LoggedModelOutput(model.model_id, step=0)]
+        )
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model"
             _save_model(
@@ -665,6 +695,7 @@ def log_model(
                 Path(folder) / "files",
             )
             upload_folder(_artifact_repository(model.artifact_location), path)
+        linked.result()
     except BaseException:
         with contextlib.suppress(Exception):  # the error that stopped the logging comes first
             client.finalize_logged_model(model.model_id, "FAILED")
@@ -722,33 +753,6 @@ def _check_serving_example(path: Path) -> None:
         logging.getLogger(__name__).warning(
             "the logged model cannot score its own input example: %s", error
         )
-
-
-UPLOAD_THREADS = 4  # files of one folder sent at once (a model is 16 small files)
-_uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="mlflow-upload")
-
-
-def _artifact_repository(artifact_uri: str):
-    """The artifact store at a run's or a logged model's artifact URI, without asking the
-    tracking server where that is."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    return get_artifact_repository(artifact_uri, tracking_uri=mlflow.get_tracking_uri())
-
-
-def upload_folder(repository, folder: str | Path, artifact_path: str | None = None) -> None:
-    """Every file under `folder` into `repository` (under `artifact_path`), several at a
-    time: through a tracking server each file is one request, and MLflow sends them one
-    after another."""
-    folder = Path(folder)
-    uploads = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        parts = [artifact_path, path.parent.relative_to(folder).as_posix()]
-        parts = [part for part in parts if part and part != "."]
-        target = posixpath.join(*parts) if parts else None
-        uploads.append(_uploads.submit(repository.log_artifact, str(path), target))
-    for upload in uploads:
-        upload.result()
 
 
 # --- the registry ----------------------------------------------------------------------
