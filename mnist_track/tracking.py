@@ -65,6 +65,7 @@ WEIGHTS_FILE = "model.safetensors"
 ARCHITECTURE_FILE = "architecture.json"
 # What the served model imports: only these go into its code/ folder (each file is one
 # upload to a tracking server, and the rest of the package is not the model's business).
+# Not model_code.py: MLflow runs its own copy at the model's top, and nothing imports it.
 SERVED_MODULES = (
     "__init__.py",
     "defaults.py",
@@ -72,7 +73,6 @@ SERVED_MODULES = (
     "data.py",
     "models.py",
     "serving.py",
-    "model_code.py",
 )
 ERROR_TAG = "error"
 VALIDATION_ACCURACY_TAG = "validation_accuracy"
