@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -37,7 +38,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT as DATASET_CONTEXT_TAG
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+from mlflow.utils.validation import (
+    MAX_ENTITIES_PER_BATCH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+)
 
 from mnist_track import descriptions, timings
 from mnist_track.coordination import creating_store
@@ -233,6 +238,9 @@ def ensure_experiment(name: str) -> str:
     raise TrackingError(f"cannot create or find the MLflow experiment {name!r}")
 
 
+# Background metrics and params go at most this often: a short trial's epochs then cost
+# one request, not one each (about 10 ms of a tracking server's CPU per request).
+BATCH_INTERVAL_SECONDS = 1.0
 # One thread: background requests of a run are made in the order they were asked for.
 _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-background")
 
@@ -269,10 +277,13 @@ class RunLog:
     """Logging into one run by id; cheap to create, safe to use from any thread.
 
     With `background=True`, params and metrics are sent from a background thread, in
-    order, while training goes on (against a tracking server, about 15 ms each). `flush`
-    waits for them; `start_run` flushes before it ends the run. (Not MLflow's own
-    asynchronous logging: `mlflow.end_run` shuts its queue down, which waits up to a
-    second for the queue's thread, once per run.)"""
+    order, while training goes on (against a tracking server, about 10 ms each), and at
+    most once per BATCH_INTERVAL_SECONDS: what arrives sooner waits for the next send and
+    goes with it in one request. Epochs longer than that are each sent at once; a short
+    trial's epochs go with its final metrics. `flush` sends what waits and waits for it;
+    `start_run` flushes before it ends the run, and a pruned or failed run too. (Not
+    MLflow's own asynchronous logging: `mlflow.end_run` shuts its queue down, which
+    waits up to a second for the queue's thread, once per run.)"""
 
     run_id: str
     client: MlflowClient
@@ -284,24 +295,77 @@ class RunLog:
     # to change a param): those keep the launcher's values.
     adopted: bool = False
     pending: list[Future] = field(default_factory=list)  # background requests not waited on
+    _waiting: dict[str, list] = field(default_factory=dict, repr=False)  # the next batch
+    _timer: threading.Timer | None = field(default=None, repr=False)
+    _last_sent: float = field(default=float("-inf"), repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def log_params(self, params: Mapping[str, Any], background: bool = False) -> None:
         items = [Param(key, str(value)) for key, value in params.items()]
         if self.adopted:
             existing = self.client.get_run(self.run_id).data.params
             items = [item for item in items if item.key not in existing]
-        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self._log_batch(background, params=items[start : start + MAX_PARAMS_TAGS_PER_BATCH])
-
-    def _log_batch(self, background: bool, **entities) -> None:
         if background:
-            self.pending.append(_background.submit(self.client.log_batch, self.run_id, **entities))
-        else:
-            self.client.log_batch(self.run_id, **entities)
+            self._later(params=items)
+            return
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(
+                self.run_id, params=items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+            )
+
+    def _later(self, **entities: list) -> None:
+        """Into the next background batch, sent now if the last went long enough ago,
+        else when it is due (or at `flush`)."""
+        with self._lock:
+            for kind, items in entities.items():
+                self._waiting.setdefault(kind, []).extend(items)
+            if self._timer is not None:
+                return  # a send is due already and will take these along
+            delay = self._last_sent + BATCH_INTERVAL_SECONDS - time.monotonic()
+            if delay <= 0:
+                self._send_waiting()
+            else:
+                self._timer = threading.Timer(delay, self._on_timer)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            if self._timer is threading.current_thread():  # else flushed meanwhile
+                self._send_waiting()
+
+    def _send_waiting(self) -> None:
+        """Queue what waits as one background request (more only past MLflow's limits);
+        the caller holds the lock."""
+        self._timer = None
+        waiting, self._waiting = self._waiting, {}
+        if not waiting:
+            return
+        self._last_sent = time.monotonic()
+        self.pending.append(_background.submit(self._log_batches, **waiting))
+
+    def _log_batches(self, metrics=(), params=(), tags=()) -> None:
+        metrics, params, tags = list(metrics), list(params), list(tags)
+        while metrics or params or tags:
+            some_params = params[:MAX_PARAMS_TAGS_PER_BATCH]
+            some_tags = tags[:MAX_PARAMS_TAGS_PER_BATCH]
+            room = MAX_ENTITIES_PER_BATCH - len(some_params) - len(some_tags)
+            some_metrics = metrics[: min(room, MAX_METRICS_PER_BATCH)]
+            self.client.log_batch(
+                self.run_id, metrics=some_metrics, params=some_params, tags=some_tags
+            )
+            metrics = metrics[len(some_metrics) :]
+            params = params[len(some_params) :]
+            tags = tags[len(some_tags) :]
 
     def flush(self) -> None:
-        """Wait for the background requests; the first failure is raised here."""
-        pending, self.pending = self.pending, []
+        """Send what waits, and wait for the background requests; the first failure is
+        raised here."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._send_waiting()
+            pending, self.pending = self.pending, []
         for request in pending:
             request.result()
 
@@ -323,8 +387,11 @@ class RunLog:
             Metric(key, float(value), now, step, model_id=model_id)
             for key, value in metrics.items()
         ]
+        if background:
+            self._later(metrics=items)
+            return
         for start in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self._log_batch(background, metrics=items[start : start + MAX_METRICS_PER_BATCH])
+            self.client.log_batch(self.run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
 
     def log_datasets(self, lineage: Iterable[SplitLineage], background: bool = False) -> None:
         """The run's splits as MLflow dataset inputs (the UI's "Datasets used" column), all
@@ -333,7 +400,10 @@ class RunLog:
         if not datasets:
             return
         if background:
-            self.pending.append(_background.submit(self.client.log_inputs, self.run_id, datasets))
+            with self._lock:
+                self.pending.append(
+                    _background.submit(self.client.log_inputs, self.run_id, datasets)
+                )
         else:
             self.client.log_inputs(self.run_id, datasets)
 
