@@ -244,8 +244,10 @@ BATCH_INTERVAL_SECONDS = 1.0
 # One thread: background requests of a run are made in the order they were asked for.
 _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-background")
 
-UPLOAD_THREADS = 4  # files of one folder sent at once (a model is 16 small files)
-_uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="mlflow-upload")
+# Requests that need not wait for each other, sent at once: the files of a folder (a
+# model is 15 small files), the reads of a champion decision.
+PARALLEL_REQUESTS = 4
+_parallel = ThreadPoolExecutor(max_workers=PARALLEL_REQUESTS, thread_name_prefix="mlflow-parallel")
 
 
 def _artifact_repository(artifact_uri: str):
@@ -266,7 +268,7 @@ def upload_folder(repository, folder: str | Path, artifact_path: str | None = No
         parts = [artifact_path, path.parent.relative_to(folder).as_posix()]
         parts = [part for part in parts if part and part != "."]
         target = posixpath.join(*parts) if parts else None
-        uploads.append(_uploads.submit(repository.log_artifact, str(path), target))
+        uploads.append(_parallel.submit(repository.log_artifact, str(path), target))
     wait(uploads)  # all of them, before the caller's folder goes: then the first error
     for upload in uploads:
         upload.result()
@@ -280,7 +282,7 @@ class RunLog:
     order, while training goes on (against a tracking server, about 10 ms each), and at
     most once per BATCH_INTERVAL_SECONDS: what arrives sooner waits for the next send and
     goes with it in one request. Epochs longer than that are each sent at once; a short
-    trial's epochs go with its final metrics. `flush` sends what waits and waits for it;
+    trial's params and epochs go with its final metrics. `flush` sends what waits and waits for it;
     `start_run` flushes before it ends the run, and a pruned or failed run too. (Not
     MLflow's own asynchronous logging: `mlflow.end_run` shuts its queue down, which
     waits up to a second for the queue's thread, once per run.)"""
@@ -297,7 +299,8 @@ class RunLog:
     pending: list[Future] = field(default_factory=list)  # background requests not waited on
     _waiting: dict[str, list] = field(default_factory=dict, repr=False)  # the next batch
     _timer: threading.Timer | None = field(default=None, repr=False)
-    _last_sent: float = field(default=float("-inf"), repr=False)
+    # The first interval starts with the run: a quick trial's params wait for its metrics.
+    _last_sent: float = field(default_factory=time.monotonic, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def log_params(self, params: Mapping[str, Any], background: bool = False) -> None:
@@ -746,7 +749,7 @@ def log_model(
     )
     try:
         # The run's link to its model, sent while the model is saved.
-        linked = _uploads.submit(
+        linked = _parallel.submit(
             client.log_outputs, run_id, [LoggedModelOutput(model.model_id, step=0)]
         )
         with tempfile.TemporaryDirectory() as folder:
@@ -945,10 +948,13 @@ def crown_champion(name: str, split: str, candidate: str | None = None) -> Champ
 
     decision = Champion(None)
     for _attempt in range(CHAMPION_ATTEMPTS):
-        versions = versions_of(name)
+        # The versions are read while the champion and its run are.
+        versions_read = _parallel.submit(versions_of, name)
         current = alias_version(name)
+        current_valid = current is not None and valid(current)
+        versions = versions_read.result()
         reference = split
-        if current is not None and valid(current):
+        if current_valid:
             reference = current.tags.get(VALIDATION_SPLIT_TAG, "")
         comparable = sorted(
             (
@@ -972,11 +978,12 @@ def crown_champion(name: str, split: str, candidate: str | None = None) -> Champ
             return decision
         if not _lost_race(MlflowClient().set_registered_model_alias, name, best.version):
             continue
+        versions_read = _parallel.submit(versions_of, name)
         settled = alias_version(name)
         if (
             settled is not None
             and str(settled.version) == str(best.version)
-            and len(versions_of(name)) == len(versions)
+            and len(versions_read.result()) == len(versions)
         ):
             return decision
     return decision
