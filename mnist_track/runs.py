@@ -97,7 +97,8 @@ def train_and_track(
     still_wanted: Callable[[], bool] = _always_wanted,
 ) -> RunOutcome:
     """Train `config` inside one MLflow run. `on_epoch` runs after each epoch's metrics are
-    logged (so a pruned trial keeps its curve), `on_batches` as in `fit`; exceptions in
+    handed to the run's log (a pruned trial's end sends them: it keeps its curve),
+    `on_batches` as in `fit`; exceptions in
     `killed_on` end the run KILLED, any other FAILED, with the error recorded.
 
     Registration comes last, after the run has all its metrics, plots and model and has
