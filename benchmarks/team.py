@@ -2,7 +2,8 @@
 tune` worker processes, 1 and 2 workers against an `mlflow server` (PostgreSQL backend
 store, proxied artifacts, Optuna study on the same PostgreSQL), beside 1 worker on the
 embedded default (SQLite mlflow.db + optuna.db), all in one run; and the cost of one
-logged trial against the server vs SQLite (train_and_track in-process, alternating).
+logged trial against the server vs SQLite (train_and_track in-process, alternating), and
+the HTTP requests one such trial makes.
 
 Equal work in every configuration: the study is created beforehand with the same N
 parameter sets enqueued (drawn once from quick.yaml's search space), and pruning is off,
@@ -37,6 +38,7 @@ from benchmarks.common import (
     temp_store,
     warm_up_mlflow,
 )
+from benchmarks.http_requests import counting_requests
 
 NAME = "team"
 CONFIG = REPO_ROOT / "experiments" / "quick.yaml"
@@ -186,7 +188,8 @@ def check_invariants(label: str, trials: int, tracking_uri: str, storage_url: st
 
 def logged_trial_costs(context: Context, server_url: str, repeats: int) -> dict[str, list]:
     """Seconds of one train_and_track (quick.yaml's training settings) against each store,
-    alternating, and the seconds spent outside fit."""
+    alternating, the seconds spent outside fit, and the HTTP requests of one more trial
+    against the server."""
     from mnist_track import tracking
     from mnist_track.config import load_study_config
     from mnist_track.runs import train_and_track
@@ -214,8 +217,12 @@ def logged_trial_costs(context: Context, server_url: str, repeats: int) -> dict[
                     )
                 totals[name].append(watch.seconds)
                 outside_fit[name].append(watch.seconds - outcome.fit.seconds)
+        # One more, untimed: what it asks of the server.
+        tracking.use_tracking_uri(server_url)
+        with counting_requests() as requests:
+            train_and_track(train, splits, experiment="bench-trial", registered_model="bench")
         tracking.use_tracking_uri(store.uri)
-    return {"total": totals, "outside_fit": outside_fit}
+    return {"total": totals, "outside_fit": outside_fit, "requests": requests}
 
 
 def run(context: Context) -> list[Figure]:
@@ -327,6 +334,16 @@ def figures(context, timings, costs, trials: int, repeats: int) -> list[Figure]:
             note=(
                 f"{how}, alternating; train_and_track in-process with quick.yaml's training "
                 "settings (10,000 images, 3 epochs), model logged and registered"
+            ),
+        ),
+        Figure(
+            NAME,
+            "HTTP requests of one logged trial to the tracking server",
+            len(costs["requests"].requests),
+            "requests",
+            note=(
+                "train_and_track as above, counted at requests.Session.request (REST calls "
+                f"and proxied artifact uploads): {costs['requests'].summary()}"
             ),
         ),
         Figure(

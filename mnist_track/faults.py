@@ -18,7 +18,7 @@ KILL_AT_ENV = "MNIST_TRACK_KILL_AT"
 POINTS = (
     "parent_run_created",  # the study's parent run exists but is not yet recorded
     "after_run_creation",  # a trial's run exists, its id maybe not yet on the trial
-    "mid_training",  # after the first epoch's metrics are logged
+    "mid_training",  # after the first epoch's metrics are handed to the run's log
     "after_model_logging",  # the model is logged, the run still RUNNING
     "after_registration",  # the version exists and champion may have moved
     "before_tell",  # all done except telling Optuna the trial is complete

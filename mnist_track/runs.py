@@ -97,7 +97,8 @@ def train_and_track(
     still_wanted: Callable[[], bool] = _always_wanted,
 ) -> RunOutcome:
     """Train `config` inside one MLflow run. `on_epoch` runs after each epoch's metrics are
-    logged (so a pruned trial keeps its curve), `on_batches` as in `fit`; exceptions in
+    handed to the run's log (a pruned trial's end sends them: it keeps its curve),
+    `on_batches` as in `fit`; exceptions in
     `killed_on` end the run KILLED, any other FAILED, with the error recorded.
 
     Registration comes last, after the run has all its metrics, plots and model and has
@@ -136,17 +137,16 @@ def train_and_track(
                 lambda pngs: log.log_pngs(pngs, "plots")
             )
         try:
-            # MLflow links a new model to the run's metrics so far: they must all be in.
-            with timings.phase("params and epoch metrics (flush)"):
-                log.flush()
+            # The epoch metrics may still be on their way: the run's end waits for them.
             with timings.phase("model logging"):
                 model_uri = tracking.log_model(
                     result.model.state_dict(),
                     architecture_of(config),
                     example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
+                    params=config.to_params(),
                 )
-            with timings.phase("final metrics"):
-                log.log_metrics(final_metrics(result, report), model_uri=model_uri)
+            # Sent while the figures upload; the run's end waits for them too.
+            log.log_metrics(final_metrics(result, report), model_uri=model_uri, background=True)
             fault_point("after_model_logging")
         except BaseException:
             # Never end the run while its plots still upload; the first error is the one.

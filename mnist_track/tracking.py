@@ -13,6 +13,7 @@ import contextlib
 import functools
 import importlib.util
 import json
+import logging
 import os
 import posixpath
 import random
@@ -20,10 +21,11 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version as installed_version
@@ -36,7 +38,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT as DATASET_CONTEXT_TAG
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+from mlflow.utils.validation import (
+    MAX_ENTITIES_PER_BATCH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+)
 
 from mnist_track import descriptions, timings
 from mnist_track.coordination import creating_store
@@ -64,6 +70,7 @@ WEIGHTS_FILE = "model.safetensors"
 ARCHITECTURE_FILE = "architecture.json"
 # What the served model imports: only these go into its code/ folder (each file is one
 # upload to a tracking server, and the rest of the package is not the model's business).
+# Not model_code.py: MLflow runs its own copy at the model's top, and nothing imports it.
 SERVED_MODULES = (
     "__init__.py",
     "defaults.py",
@@ -71,7 +78,6 @@ SERVED_MODULES = (
     "data.py",
     "models.py",
     "serving.py",
-    "model_code.py",
 )
 ERROR_TAG = "error"
 VALIDATION_ACCURACY_TAG = "validation_accuracy"
@@ -232,8 +238,40 @@ def ensure_experiment(name: str) -> str:
     raise TrackingError(f"cannot create or find the MLflow experiment {name!r}")
 
 
+# Background metrics and params go at most this often: a short trial's epochs then cost
+# one request, not one each (about 10 ms of a tracking server's CPU per request).
+BATCH_INTERVAL_SECONDS = 1.0
 # One thread: background requests of a run are made in the order they were asked for.
 _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-background")
+
+# Requests that need not wait for each other, sent at once: the files of a folder (a
+# model is 15 small files), the reads of a champion decision.
+PARALLEL_REQUESTS = 4
+_parallel = ThreadPoolExecutor(max_workers=PARALLEL_REQUESTS, thread_name_prefix="mlflow-parallel")
+
+
+def _artifact_repository(artifact_uri: str):
+    """The artifact store at a run's or a logged model's artifact URI, without asking the
+    tracking server where that is."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(artifact_uri, tracking_uri=mlflow.get_tracking_uri())
+
+
+def upload_folder(repository, folder: str | Path, artifact_path: str | None = None) -> None:
+    """Every file under `folder` into `repository` (under `artifact_path`), several at a
+    time: through a tracking server each file is one request, and MLflow sends them one
+    after another."""
+    folder = Path(folder)
+    uploads = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        parts = [artifact_path, path.parent.relative_to(folder).as_posix()]
+        parts = [part for part in parts if part and part != "."]
+        target = posixpath.join(*parts) if parts else None
+        uploads.append(_parallel.submit(repository.log_artifact, str(path), target))
+    wait(uploads)  # all of them, before the caller's folder goes: then the first error
+    for upload in uploads:
+        upload.result()
 
 
 @dataclass
@@ -241,36 +279,96 @@ class RunLog:
     """Logging into one run by id; cheap to create, safe to use from any thread.
 
     With `background=True`, params and metrics are sent from a background thread, in
-    order, while training goes on (against a tracking server, about 15 ms each). `flush`
-    waits for them; `start_run` flushes before it ends the run. (Not MLflow's own
-    asynchronous logging: `mlflow.end_run` shuts its queue down, which waits up to a
-    second for the queue's thread, once per run.)"""
+    order, while training goes on (against a tracking server, about 10 ms each), and at
+    most once per BATCH_INTERVAL_SECONDS: what arrives sooner waits for the next send and
+    goes with it in one request. Epochs longer than that are each sent at once; a short
+    trial's params and epochs go with its final metrics. `flush` sends what waits and waits for it;
+    `start_run` flushes before it ends the run, and a pruned or failed run too. (Not
+    MLflow's own asynchronous logging: `mlflow.end_run` shuts its queue down, which
+    waits up to a second for the queue's thread, once per run.)"""
 
     run_id: str
     client: MlflowClient
     experiment_id: str = ""  # known when this process started the run
+    # Known when this process started the run: uploads then skip MLflow's get_run, one
+    # request each against a tracking server.
+    artifact_uri: str = ""
     # A run started by `mlflow run` already holds the MLproject parameters (MLflow refuses
     # to change a param): those keep the launcher's values.
     adopted: bool = False
     pending: list[Future] = field(default_factory=list)  # background requests not waited on
+    _waiting: dict[str, list] = field(default_factory=dict, repr=False)  # the next batch
+    _timer: threading.Timer | None = field(default=None, repr=False)
+    # The first interval starts with the run: a quick trial's params wait for its metrics.
+    _last_sent: float = field(default_factory=time.monotonic, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def log_params(self, params: Mapping[str, Any], background: bool = False) -> None:
         items = [Param(key, str(value)) for key, value in params.items()]
         if self.adopted:
             existing = self.client.get_run(self.run_id).data.params
             items = [item for item in items if item.key not in existing]
-        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self._log_batch(background, params=items[start : start + MAX_PARAMS_TAGS_PER_BATCH])
-
-    def _log_batch(self, background: bool, **entities) -> None:
         if background:
-            self.pending.append(_background.submit(self.client.log_batch, self.run_id, **entities))
-        else:
-            self.client.log_batch(self.run_id, **entities)
+            self._later(params=items)
+            return
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(
+                self.run_id, params=items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+            )
+
+    def _later(self, **entities: list) -> None:
+        """Into the next background batch, sent now if the last went long enough ago,
+        else when it is due (or at `flush`)."""
+        with self._lock:
+            for kind, items in entities.items():
+                self._waiting.setdefault(kind, []).extend(items)
+            if self._timer is not None:
+                return  # a send is due already and will take these along
+            delay = self._last_sent + BATCH_INTERVAL_SECONDS - time.monotonic()
+            if delay <= 0:
+                self._send_waiting()
+            else:
+                self._timer = threading.Timer(delay, self._on_timer)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            if self._timer is threading.current_thread():  # else flushed meanwhile
+                self._send_waiting()
+
+    def _send_waiting(self) -> None:
+        """Queue what waits as one background request (more only past MLflow's limits);
+        the caller holds the lock."""
+        self._timer = None
+        waiting, self._waiting = self._waiting, {}
+        if not waiting:
+            return
+        self._last_sent = time.monotonic()
+        self.pending.append(_background.submit(self._log_batches, **waiting))
+
+    def _log_batches(self, metrics=(), params=(), tags=()) -> None:
+        metrics, params, tags = list(metrics), list(params), list(tags)
+        while metrics or params or tags:
+            some_params = params[:MAX_PARAMS_TAGS_PER_BATCH]
+            some_tags = tags[:MAX_PARAMS_TAGS_PER_BATCH]
+            room = MAX_ENTITIES_PER_BATCH - len(some_params) - len(some_tags)
+            some_metrics = metrics[: min(room, MAX_METRICS_PER_BATCH)]
+            self.client.log_batch(
+                self.run_id, metrics=some_metrics, params=some_params, tags=some_tags
+            )
+            metrics = metrics[len(some_metrics) :]
+            params = params[len(some_params) :]
+            tags = tags[len(some_tags) :]
 
     def flush(self) -> None:
-        """Wait for the background requests; the first failure is raised here."""
-        pending, self.pending = self.pending, []
+        """Send what waits, and wait for the background requests; the first failure is
+        raised here."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._send_waiting()
+            pending, self.pending = self.pending, []
         for request in pending:
             request.result()
 
@@ -292,8 +390,11 @@ class RunLog:
             Metric(key, float(value), now, step, model_id=model_id)
             for key, value in metrics.items()
         ]
+        if background:
+            self._later(metrics=items)
+            return
         for start in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self._log_batch(background, metrics=items[start : start + MAX_METRICS_PER_BATCH])
+            self.client.log_batch(self.run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
 
     def log_datasets(self, lineage: Iterable[SplitLineage], background: bool = False) -> None:
         """The run's splits as MLflow dataset inputs (the UI's "Datasets used" column), all
@@ -302,7 +403,10 @@ class RunLog:
         if not datasets:
             return
         if background:
-            self.pending.append(_background.submit(self.client.log_inputs, self.run_id, datasets))
+            with self._lock:
+                self.pending.append(
+                    _background.submit(self.client.log_inputs, self.run_id, datasets)
+                )
         else:
             self.client.log_inputs(self.run_id, datasets)
 
@@ -314,7 +418,10 @@ class RunLog:
         with tempfile.TemporaryDirectory() as folder:
             for name, content in pngs.items():
                 (Path(folder) / name).write_bytes(content)
-            self.client.log_artifacts(self.run_id, folder, artifact_path)
+            if self.artifact_uri:
+                upload_folder(_artifact_repository(self.artifact_uri), folder, artifact_path)
+            else:
+                self.client.log_artifacts(self.run_id, folder, artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -419,7 +526,13 @@ def _begin_run(experiment, run_name, tags, parent_run_id, run_id) -> tuple[RunLo
         parent_run_id=parent_run_id,
         tags=creation_tags,
     )
-    log = RunLog(active.info.run_id, MlflowClient(), active.info.experiment_id, adopted=adopted)
+    log = RunLog(
+        active.info.run_id,
+        MlflowClient(),
+        active.info.experiment_id,
+        artifact_uri=active.info.artifact_uri,
+        adopted=adopted,
+    )
     return log, creation_tags is None
 
 
@@ -606,45 +719,113 @@ def log_model(
     state_dict: Mapping[str, Any],
     architecture: Mapping[str, Any],
     example_pixels: np.ndarray,
+    params: Mapping[str, Any] | None = None,
 ) -> str:
-    """Log the network as an MLflow pyfunc model into the active run: weights as
+    """Log the network as an MLflow pyfunc model of the active run: weights as
     safetensors, architecture as JSON, code as code (models-from-code plus this package),
-    so nothing is pickled. Returns the model's URI; registering it is a separate, last
-    step (`register_version`), once the run is complete.
+    so nothing is pickled; `params` (the run's config) go onto the model's page. Returns
+    the model's URI; registering it is a separate, last step (`register_version`), once
+    the run is complete.
 
-    Log it before the run's final metrics: MLflow links a new model to the run's metrics
-    by reading each metric's whole history, one request per key (about 40 requests, 0.3 s
-    against a tracking server, with the per-class test scores); `RunLog.log_metrics(...,
-    model_uri=)` makes the same link in the one call that logs them."""
+    The steps of `mlflow.pyfunc.log_model`, without the requests it spends on finding
+    what the caller knows: it reads the run back for its params and experiment, reads each
+    metric's whole history to link the run's step-0 metrics to the model (one request per
+    key, none of them at step 0 here), and reads the new model back for its artifact
+    location: 8 of a trial's requests to a tracking server. The final metrics are linked
+    in the call that logs them (`RunLog.log_metrics(..., model_uri=)`)."""
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model
+
+    run = mlflow.active_run()
+    if run is None:
+        raise TrackingError("a model is logged into an active run (tracking.start_run)")
+    run_id = run.info.run_id
+    client = MlflowClient()
+    model = mlflow.initialize_logged_model(
+        name=MODEL_NAME_IN_RUN,
+        source_run_id=run_id,
+        params={key: str(value) for key, value in (params or {}).items()},
+        experiment_id=run.info.experiment_id,
+    )
+    try:
+        # The run's link to its model, sent while the model is saved.
+        linked = _parallel.submit(
+            client.log_outputs, run_id, [LoggedModelOutput(model.model_id, step=0)]
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model"
+            _save_model(
+                path,
+                Model(
+                    artifact_path=model.artifact_location,
+                    model_uuid=model.model_id,
+                    run_id=run_id,
+                    model_id=model.model_id,
+                ),
+                state_dict,
+                architecture,
+                example_pixels,
+                Path(folder) / "files",
+            )
+            upload_folder(_artifact_repository(model.artifact_location), path)
+        linked.result()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that stopped the logging comes first
+            client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(model.model_id, "READY")
+    return f"models:/{model.model_id}"
+
+
+def _save_model(path, mlflow_model, state_dict, architecture, example_pixels, scratch) -> None:
+    """The model's folder at `path`, as `mlflow.pyfunc.log_model` would upload it, checked
+    the way it checks it: the model loads from there and scores its own input example."""
     from safetensors.torch import save_file
 
     from mnist_track.serving import ARCHITECTURE_ARTIFACT, WEIGHTS_ARTIFACT, model_signature
 
-    with tempfile.TemporaryDirectory() as folder:
-        code = Path(folder) / "code" / PACKAGE_DIR.name
-        code.mkdir(parents=True)
-        for module in SERVED_MODULES:
-            shutil.copy2(PACKAGE_DIR / module, code / module)
-        weights_path = Path(folder) / WEIGHTS_FILE
-        architecture_path = Path(folder) / ARCHITECTURE_FILE
-        save_file(
-            {key: value.detach().cpu().contiguous() for key, value in state_dict.items()},
-            str(weights_path),
+    code = scratch / "code" / PACKAGE_DIR.name
+    code.mkdir(parents=True)
+    for module in SERVED_MODULES:
+        shutil.copy2(PACKAGE_DIR / module, code / module)
+    weights_path = scratch / WEIGHTS_FILE
+    architecture_path = scratch / ARCHITECTURE_FILE
+    save_file(
+        {key: value.detach().cpu().contiguous() for key, value in state_dict.items()},
+        str(weights_path),
+    )
+    architecture_path.write_text(json.dumps(dict(architecture), indent=2))
+    mlflow.pyfunc.save_model(
+        str(path),
+        python_model=str(MODEL_CODE),
+        artifacts={
+            WEIGHTS_ARTIFACT: str(weights_path),
+            ARCHITECTURE_ARTIFACT: str(architecture_path),
+        },
+        code_paths=[str(code)],
+        signature=model_signature(),
+        input_example=example_pixels,
+        pip_requirements=pip_requirements(),
+        mlflow_model=mlflow_model,
+    )
+    for cache in list(path.rglob("__pycache__")):
+        shutil.rmtree(cache, ignore_errors=True)
+    _check_serving_example(path)
+
+
+def _check_serving_example(path: Path) -> None:
+    """What MLflow's log_model checks before it uploads: the saved model loads and scores
+    its own input example (a warning if not, as MLflow's)."""
+    from mlflow.models import Model
+
+    try:
+        example = Model.load(str(path)).load_input_example(str(path))
+        if example is not None:
+            mlflow.pyfunc.load_model(str(path)).predict(example)
+    except Exception as error:  # noqa: BLE001 - MLflow warns and logs the model anyway
+        logging.getLogger(__name__).warning(
+            "the logged model cannot score its own input example: %s", error
         )
-        architecture_path.write_text(json.dumps(dict(architecture), indent=2))
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME_IN_RUN,
-            python_model=str(MODEL_CODE),
-            artifacts={
-                WEIGHTS_ARTIFACT: str(weights_path),
-                ARCHITECTURE_ARTIFACT: str(architecture_path),
-            },
-            code_paths=[str(code)],
-            signature=model_signature(),
-            input_example=example_pixels,
-            pip_requirements=pip_requirements(),
-        )
-    return info.model_uri
 
 
 # --- the registry ----------------------------------------------------------------------
@@ -767,10 +948,13 @@ def crown_champion(name: str, split: str, candidate: str | None = None) -> Champ
 
     decision = Champion(None)
     for _attempt in range(CHAMPION_ATTEMPTS):
-        versions = versions_of(name)
+        # The versions are read while the champion and its run are.
+        versions_read = _parallel.submit(versions_of, name)
         current = alias_version(name)
+        current_valid = current is not None and valid(current)
+        versions = versions_read.result()
         reference = split
-        if current is not None and valid(current):
+        if current_valid:
             reference = current.tags.get(VALIDATION_SPLIT_TAG, "")
         comparable = sorted(
             (
@@ -794,11 +978,12 @@ def crown_champion(name: str, split: str, candidate: str | None = None) -> Champ
             return decision
         if not _lost_race(MlflowClient().set_registered_model_alias, name, best.version):
             continue
+        versions_read = _parallel.submit(versions_of, name)
         settled = alias_version(name)
         if (
             settled is not None
             and str(settled.version) == str(best.version)
-            and len(versions_of(name)) == len(versions)
+            and len(versions_read.result()) == len(versions)
         ):
             return decision
     return decision

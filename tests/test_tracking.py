@@ -128,6 +128,42 @@ def test_background_metrics_are_all_in_before_the_run_ends(migrated_store, endin
     assert log.pending == []
 
 
+def test_background_logging_sends_at_most_once_per_interval(migrated_store, monkeypatch):
+    """What arrives within the interval (from the run's start, then from the last send)
+    waits and goes in one request with what follows; the wait ends when the interval has
+    passed, or at flush."""
+    monkeypatch.setattr(tracking, "BATCH_INTERVAL_SECONDS", 0.5)
+    sent: list[dict] = []
+
+    def until_sent(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(sent) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    with tracking.start_run("batched") as log:
+        real = log.client.log_batch
+        monkeypatch.setattr(
+            log.client,
+            "log_batch",
+            lambda run_id, **batch: (sent.append(batch), real(run_id, **batch)),
+        )
+        log.log_params({"p": 1}, background=True)
+        log.log_metrics({"val/accuracy": 0.1}, step=1, background=True)
+        assert sent == []  # both wait for the interval
+        until_sent(1)
+        assert [p.key for p in sent[0]["params"]] == ["p"]  # sent once due, in one request
+        assert [m.step for m in sent[0]["metrics"]] == [1]
+        time.sleep(0.6)
+        log.log_metrics({"val/accuracy": 0.2}, step=2, background=True)  # due: at once
+        until_sent(2)
+        log.log_metrics({"val/accuracy": 0.3}, step=3, background=True)
+        log.log_metrics({"test/accuracy": 0.3}, background=True)
+        assert len(sent) == 2
+        log.flush()  # does not wait for the interval
+        assert [m.key for m in sent[2]["metrics"]] == ["val/accuracy", "test/accuracy"]
+    assert len(sent) == 3
+
+
 def test_a_failed_background_request_fails_the_run(migrated_store, monkeypatch):
     with pytest.raises(tracking.MlflowException), tracking.start_run("background") as log:
         monkeypatch.setattr(
