@@ -109,6 +109,9 @@ def run(context: Context) -> list[Figure]:
         test_limit=train.test_limit,
     )
     log("study: warming up MLflow (one tiny tracked run)")
+    from mnist_track import plots, study_plots
+
+    plots.start_figure_worker(study_plots.PRELOAD)  # as `mnist-track tune` does first
     warm_up_mlflow(context)
     repeats = 1 if context.quick else REPEATS
     pairs, all_records, counts = [], [], []

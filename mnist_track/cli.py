@@ -227,10 +227,15 @@ def _log_system_metrics() -> None:
         raise click.BadParameter(str(error), param_hint="--system-metrics") from None
 
 
-def _start_figure_worker() -> None:
+def _start_figure_worker(study: bool = False) -> None:
     from mnist_track.plots import start_figure_worker
 
-    start_figure_worker()
+    if study:
+        from mnist_track.study_plots import PRELOAD
+
+        start_figure_worker(PRELOAD)
+    else:
+        start_figure_worker()
 
 
 def _device(name: str, threads: int | None = None):
@@ -371,7 +376,7 @@ def tune(
         )
         if system_metrics:
             _log_system_metrics()  # into each trial's run
-        _start_figure_worker()
+        _start_figure_worker(study=True)
         torch_device = _device(study_config.train.device, threads)
 
         from mnist_track import tracking

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import io
 import multiprocessing
 import os
@@ -319,18 +320,21 @@ def _figure_pool() -> ProcessPoolExecutor:
     return _pool
 
 
-def start_figure_worker() -> None:
-    """Spawn the figure workers now and let them import matplotlib and load their fonts
-    (about a second) while this process imports torch and reads MNIST, rather than during
-    the first run's figures. Returns at once; any failure shows later as a drawing here."""
+def start_figure_worker(preload: Sequence[str] = ()) -> None:
+    """Spawn the figure workers now and let them import matplotlib (and the modules in
+    `preload`) and load their fonts (about a second) while this process imports torch and
+    reads MNIST, rather than during the first run's figures. Returns at once; any failure
+    shows later as a drawing here."""
     with contextlib.suppress(BrokenProcessPool, RuntimeError, OSError):
         pool = _figure_pool()
         for _ in SHARES:
-            pool.submit(_warm_up)
+            pool.submit(_warm_up, tuple(preload))
 
 
-def _warm_up() -> None:
+def _warm_up(preload: tuple[str, ...] = ()) -> None:
     render_png(training_curves([]))
+    for module in preload:
+        importlib.import_module(module)
 
 
 def render_async(data: dict[str, Any]) -> FigureJob:
