@@ -571,6 +571,8 @@ def largest_guarded_body(digit) -> bytes:
 def guarded_figures(store, digit, labels, batches: dict, quick: bool) -> list[Figure]:
     """`mnist-track serve`: the caps' worst request (refused before MLflow parses it) and
     the largest mixed one it accepts, BURST at once each, against BURST 1-image ones."""
+    from mnist_track.serving import MAX_IMAGE_FILES
+
     server = Server(store, store.folder / "guarded.log", GUARDED_SERVE)
     try:
         log("serving: starting mnist-track serve")
@@ -594,8 +596,9 @@ def guarded_figures(store, digit, labels, batches: dict, quick: bool) -> list[Fi
     )
     largest_note = (
         f"{BURST} requests at once; {len(json.loads(largest)['inputs'])} images "
-        f"({len(largest) / 1e6:.1f} MB): 16 PNGs at every per-file cap and raw images, as many "
-        f"as the guard's bound on MLflow's padded strings allows; RSS before: {base:.0f} MiB"
+        f"({len(largest) / 1e6:.1f} MB): {MAX_IMAGE_FILES} PNGs at every per-file cap and raw "
+        "images, as many as the guard's bound on MLflow's padded strings allows; "
+        f"RSS before: {base:.0f} MiB"
     )
     return burst_figures(
         GUARDED_SERVE, "worst-case", results["worst"], results["small"], worst_note, quick

@@ -230,12 +230,10 @@ def _log_system_metrics() -> None:
 def _start_figure_worker(study: bool = False) -> None:
     from mnist_track.plots import start_figure_worker
 
-    if study:
-        from mnist_track.study_plots import PRELOAD
-
-        start_figure_worker(PRELOAD)
-    else:
-        start_figure_worker()
+    preload: tuple[str, ...] = ()
+    if study:  # its workers also draw the summary's plots: their imports load now too
+        from mnist_track.study_plots import PRELOAD as preload
+    start_figure_worker(preload)
 
 
 def _device(name: str, threads: int | None = None):

@@ -98,8 +98,8 @@ def train_and_track(
 ) -> RunOutcome:
     """Train `config` inside one MLflow run. `on_epoch` runs after each epoch's metrics are
     handed to the run's log (a pruned trial's end sends them: it keeps its curve),
-    `on_batches` as in `fit`; exceptions in
-    `killed_on` end the run KILLED, any other FAILED, with the error recorded.
+    `on_batches` as in `fit`; exceptions in `killed_on` end the run KILLED, any other
+    FAILED, with the error recorded.
 
     Registration comes last, after the run has all its metrics, plots and model and has
     ended FINISHED: a version is a promise that its run is complete. `still_wanted` is

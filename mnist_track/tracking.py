@@ -51,8 +51,6 @@ from mnist_track.errors import MnistTrackError
 from mnist_track.redact import redact_text, redact_url
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
     from mnist_track.data import SplitLineage
 
 # Artifact transfers are local and fast; their progress bars only clutter the output.
@@ -409,9 +407,6 @@ class RunLog:
                 )
         else:
             self.client.log_inputs(self.run_id, datasets)
-
-    def log_figure(self, figure: Figure, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
 
     def log_pngs(self, pngs: Mapping[str, bytes], artifact_path: str) -> None:
         """Several images in one artifact upload."""

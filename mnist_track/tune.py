@@ -822,8 +822,8 @@ def log_study_summary(parent: tracking.RunLog, result: StudyResult, config: Stud
         metrics["best/trial"] = best.number
     # Optuna's plots are most of the summary's time: drawn in the figure workers while
     # the rest is logged here.
-    trials = result.study.get_trials(deepcopy=False)
-    plotting = study_plots.render_async(result.study) if study_plots.plot_names(trials) else None
+    plot_names = study_plots.plot_names(result.study.get_trials(deepcopy=False))
+    plotting = study_plots.render_async(result.study) if plot_names else None
     parent.log_metrics(metrics, step=len(result.study.trials))
     tags = {descriptions.NOTE_TAG: _study_note(config, best, result.stopped)}
     if STOPPED_ATTR in result.study.user_attrs:  # stopped once; "no" if it then went on
@@ -841,7 +841,7 @@ def log_study_summary(parent: tracking.RunLog, result: StudyResult, config: Stud
         pngs = plotting.pngs() if plotting is not None else {}
     except Exception as error:  # noqa: BLE001 - the plots are not worth the summary
         logging.getLogger(__name__).warning("study plots skipped: %s", error)
-    for name in study_plots.plot_names(trials):
+    for name in plot_names:
         if f"{name}.png" not in pngs:
             logging.getLogger(__name__).warning("study plot %s skipped: Optuna failed", name)
     if pngs:
