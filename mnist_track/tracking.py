@@ -260,6 +260,12 @@ def upload_folder(repository, folder: str | Path, artifact_path: str | None = No
     """Every file under `folder` into `repository` (under `artifact_path`), several at a
     time: through a tracking server each file is one request, and MLflow sends them one
     after another."""
+    wait_for_uploads(start_uploads(repository, folder, artifact_path))
+
+
+def start_uploads(repository, folder: str | Path, artifact_path: str | None = None) -> list[Future]:
+    """The uploads of `upload_folder`, started; the files are listed now, so what appears
+    in `folder` later is not sent."""
     folder = Path(folder)
     uploads = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -267,6 +273,10 @@ def upload_folder(repository, folder: str | Path, artifact_path: str | None = No
         parts = [part for part in parts if part and part != "."]
         target = posixpath.join(*parts) if parts else None
         uploads.append(_parallel.submit(repository.log_artifact, str(path), target))
+    return uploads
+
+
+def wait_for_uploads(uploads: list[Future]) -> None:
     wait(uploads)  # all of them, before the caller's folder goes: then the first error
     for upload in uploads:
         upload.result()
@@ -703,11 +713,12 @@ def end_stale_run(
 # --- the model -------------------------------------------------------------------------
 
 
-def pip_requirements() -> list[str]:
+@functools.cache
+def pip_requirements() -> tuple[str, ...]:
     """Explicit requirements (inferring them costs seconds per model): the packages the
     served model imports, pinned to the versions that trained it."""
     names = ["mlflow", "torch", "numpy", "pandas", "safetensors", "pillow"]
-    return [f"{name}=={installed_version(name).split('+')[0]}" for name in names]
+    return tuple(f"{name}=={installed_version(name).split('+')[0]}" for name in names)
 
 
 def log_model(
@@ -762,7 +773,11 @@ def log_model(
                 example_pixels,
                 Path(folder) / "files",
             )
-            upload_folder(_artifact_repository(model.artifact_location), path)
+            uploads = start_uploads(_artifact_repository(model.artifact_location), path)
+            try:
+                _check_serving_example(path)  # while the files upload
+            finally:
+                wait_for_uploads(uploads)
         linked.result()
     except BaseException:
         with contextlib.suppress(Exception):  # the error that stopped the logging comes first
@@ -773,8 +788,8 @@ def log_model(
 
 
 def _save_model(path, mlflow_model, state_dict, architecture, example_pixels, scratch) -> None:
-    """The model's folder at `path`, as `mlflow.pyfunc.log_model` would upload it, checked
-    the way it checks it: the model loads from there and scores its own input example."""
+    """The model's folder at `path`, as `mlflow.pyfunc.log_model` would upload it (the
+    caller checks it as log_model does, `_check_serving_example`)."""
     from safetensors.torch import save_file
 
     from mnist_track.serving import ARCHITECTURE_ARTIFACT, WEIGHTS_ARTIFACT, model_signature
@@ -800,12 +815,11 @@ def _save_model(path, mlflow_model, state_dict, architecture, example_pixels, sc
         code_paths=[str(code)],
         signature=model_signature(),
         input_example=example_pixels,
-        pip_requirements=pip_requirements(),
+        pip_requirements=list(pip_requirements()),
         mlflow_model=mlflow_model,
     )
     for cache in list(path.rglob("__pycache__")):
         shutil.rmtree(cache, ignore_errors=True)
-    _check_serving_example(path)
 
 
 def _check_serving_example(path: Path) -> None:
@@ -816,7 +830,9 @@ def _check_serving_example(path: Path) -> None:
     try:
         example = Model.load(str(path)).load_input_example(str(path))
         if example is not None:
-            mlflow.pyfunc.load_model(str(path)).predict(example)
+            # No check of the requirements against this environment: they were pinned
+            # from it (pip_requirements), and the check reads every package's metadata.
+            mlflow.pyfunc.load_model(str(path), suppress_warnings=True).predict(example)
     except Exception as error:  # noqa: BLE001 - MLflow warns and logs the model anyway
         logging.getLogger(__name__).warning(
             "the logged model cannot score its own input example: %s", error

@@ -143,3 +143,60 @@ def test_a_failed_champion_decision_leaves_no_version_and_no_finished_run(
     assert run.info.status == "FAILED"
     assert "stopped answering" in run.data.tags[tracking.ERROR_TAG]
     assert tracking.versions_of("failed-decision") == []
+
+
+def _saved_model(tmp_path, small_splits):
+    """A model folder as tracking.log_model writes it, before it is checked and uploaded."""
+    from mlflow.models import Model
+
+    from mnist_track.models import architecture_of, build_model
+
+    architecture = architecture_of(TrainConfig(epochs=1, hidden_sizes=(32,)))
+    path = tmp_path / "model"
+    tracking._save_model(
+        path,
+        Model(),
+        build_model(architecture).state_dict(),
+        architecture,
+        to_pixels(small_splits.test.images[:1]).reshape(1, -1),
+        tmp_path / "files",
+    )
+    return path
+
+
+def test_a_saved_model_that_scores_its_example_passes_the_check(tmp_path, small_splits, caplog):
+    path = _saved_model(tmp_path, small_splits)
+    with caplog.at_level("WARNING"):
+        tracking._check_serving_example(path)
+    assert "cannot score its own input example" not in caplog.text
+
+
+def test_a_saved_model_that_cannot_score_its_example_is_warned_about(
+    tmp_path, small_splits, caplog
+):
+    path = _saved_model(tmp_path, small_splits)
+    architecture = path / "artifacts" / tracking.ARCHITECTURE_FILE
+    broken = json.loads(architecture.read_text()) | {"hidden_sizes": [7]}  # not the weights'
+    architecture.write_text(json.dumps(broken))
+    with caplog.at_level("WARNING"):
+        tracking._check_serving_example(path)
+    assert "cannot score its own input example" in caplog.text
+
+
+def test_the_logged_model_holds_every_file_saved(logged, tmp_path, small_splits):
+    """The check runs while the files upload: none may be left out, none added."""
+    uri, outcome = logged
+    model_id = model_id_of(uri, outcome.run_id)
+    saved = {
+        p.relative_to(tmp_path / "model").as_posix()
+        for p in _saved_model(tmp_path, small_splits).rglob("*")
+        if p.is_file()
+    }
+    client = MlflowClient(uri)
+
+    def listed(folder=None):
+        for item in client.list_logged_model_artifacts(model_id, folder):
+            yield from listed(item.path) if item.is_dir else [item.path]
+
+    # Registering the version (the fixture's run did) adds MLflow's registered_model_meta.
+    assert set(listed()) - {"registered_model_meta"} == saved

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -17,9 +15,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def png_bytes(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return plots.render_png(figure)
 
 
 def assert_renders(figure) -> None:
@@ -63,12 +59,43 @@ def test_training_curves(epochs):
     )
 
 
-def test_confusion_matrix(report):
-    figure = plots.confusion_matrix(report.confusion)
-    assert_renders(figure)
-    texts = [text.get_text() for text in figure.axes[0].texts]
-    # Only non-zero cells are labelled (zeros would be most of the labels, and costly).
-    assert texts == [str(count) for count in report.confusion.ravel() if count]
+def cell_centres(height: int):
+    """(true, predicted, row, column) of each cell's centre in a confusion matrix picture."""
+    axes = plots._new_confusion_matrix().axes[0]
+    for true in range(10):
+        for predicted in range(10):
+            x, y = axes.transData.transform((predicted, true))
+            yield true, predicted, round(height - y), round(x)
+
+
+def test_confusion_matrix_labels_each_non_zero_cell_and_only_those(report):
+    confusion = report.confusion.copy()
+    confusion[3, 5], confusion[5, 3] = 0, 123  # a zero and a three-digit count off it
+    picture = np.asarray(plots.confusion_matrix(confusion)).astype(int)
+    assert picture.shape == (400, 400, 3)  # 5 x 5 inches at 80 dpi
+    for true, predicted, row, column in cell_centres(picture.shape[0]):
+        cell = picture[row - 4 : row + 4, column - 8 : column + 8].reshape(-1, 3)
+        labelled = np.ptp(cell, axis=0).max() > 80  # a count's glyphs against its shade
+        assert labelled == bool(confusion[true, predicted]), (true, predicted)
+
+
+def test_the_heat_map_drawn_over_its_kept_frame_is_a_full_drawing(report):
+    """The frame (ticks, labels, title) is drawn once per layout; the heat map of each
+    later run drawn over it must look as if the whole figure had been drawn again."""
+    figure = plots._new_confusion_matrix()
+    plots._fill_confusion_matrix(figure, np.eye(10, dtype=np.int64) * 3)  # keeps the frame
+    [axes] = figure.axes
+    [image] = axes.images
+    shades = np.log1p(report.confusion)
+    image.set_data(shades)
+    image.set_clim(shades.min(), shades.max())
+    plots._draw_over_frame(figure, [image, *axes.spines.values()])
+    over_frame = np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(int)
+    figure.canvas.draw()
+    full = np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(int)
+    differing = (over_frame != full).any(axis=-1)
+    assert differing.sum() < 40  # antialiased corners where ticks meet the frame
+    assert np.abs(over_frame - full).max() < 32
 
 
 def test_render_run_figures_without_torch_objects(report, raw_mnist):
@@ -105,7 +132,8 @@ def test_render_run_figures_without_torch_objects(report, raw_mnist):
 
 
 def test_confusion_matrix_all_zero():
-    assert_renders(plots.confusion_matrix(np.zeros((10, 10), dtype=np.int64)))
+    picture = plots.confusion_matrix(np.zeros((10, 10), dtype=np.int64))
+    assert plots.render_png(picture).startswith(PNG_SIGNATURE)
 
 
 def test_per_class_scores(report):
