@@ -32,13 +32,13 @@ GUARD_DOES_NOT_PARSE_CSV = pytest.mark.xfail(
 )
 
 
-@pytest.fixture(scope="module")
-def guarded(store):
-    """`mnist-track serve models:/e2e-model@champion` on a free port; its URL."""
+def start_serving(store, *options: str) -> tuple[subprocess.Popen, str]:
+    """`mnist-track serve models:/e2e-model@champion OPTIONS` on a free port, once it
+    answers /ping: (process, URL)."""
     port = e2e.free_port()
     process = subprocess.Popen(
         [str(BIN_DIR / "mnist-track"), "serve", f"models:/{e2e.MODEL}@champion"]
-        + ["--port", str(port)],
+        + ["--port", str(port), *options],
         env=cli_env(MLFLOW_TRACKING_URI=store["uri"]),
         cwd=store["folder"],
         stdout=subprocess.PIPE,
@@ -50,12 +50,17 @@ def guarded(store):
     while process.poll() is None and time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"{url}/ping", timeout=2).close()
-            break
+            return process, url
         except OSError:
             time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"mnist-track serve did not answer /ping:\n{process.communicate()[0]}")
+    process.kill()
+    pytest.fail(f"mnist-track serve did not answer /ping:\n{process.communicate()[0]}")
+
+
+@pytest.fixture(scope="module")
+def guarded(store):
+    """`mnist-track serve models:/e2e-model@champion` on a free port; its URL."""
+    process, url = start_serving(store)
     yield url
     process.terminate()
     process.wait(timeout=30)
@@ -130,3 +135,35 @@ def test_server_still_answers_afterwards(guarded, digits):
     )
     assert status == 200 and len(json.loads(answer)["predictions"]) == 2
     urllib.request.urlopen(f"{guarded}/ping", timeout=5).close()
+
+
+def test_several_workers_serve_and_all_stop_with_the_server(store, digits):
+    """--workers 2: uvicorn starts two worker processes on the downloaded model, requests
+    are answered (and refused) as with one, and a SIGTERM to the server stops them all."""
+    import psutil
+
+    pixels, labels = digits
+    process, url = start_serving(store, "--workers", "2")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            workers = [
+                child
+                for child in psutil.Process(process.pid).children(recursive=True)
+                if "spawn_main" in " ".join(child.cmdline())  # not the resource tracker
+            ]
+            if len(workers) == 2:
+                break
+            time.sleep(0.5)
+        assert len(workers) == 2, [child.cmdline() for child in workers]
+        body = json.dumps({"inputs": pixels.tolist()}).encode()
+        for _ in range(6):
+            status, answer = post(url, body, "application/json")
+            assert status == 200 and right(answer, labels) >= RIGHT_AT_LEAST
+        status, _ = post(url, b'{"inputs": [[1, true]]}', "application/json")
+        assert status == 400  # the guard is in every worker
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, "a serving worker outlived the server"
