@@ -11,11 +11,13 @@ mark themselves (mnist_track.timings), so the breakdown is of the real code path
 
 from __future__ import annotations
 
+import os
 import statistics
 
 from benchmarks.common import (
     REPO_ROOT,
     Context,
+    CpuClock,
     Figure,
     Stopwatch,
     log,
@@ -33,7 +35,8 @@ UNTRACKED_PHASES = ("fit", "test evaluation")  # the work both sides do
 
 
 def tracked_study(study_config, splits):
-    """(wall seconds, the study, its timing records) of one run_study in a new store."""
+    """(wall seconds, the study, its timing records, CPU seconds) of one run_study in a
+    new store."""
     from mnist_track import timings, tracking
     from mnist_track.tune import run_study
 
@@ -41,14 +44,15 @@ def tracked_study(study_config, splits):
         tracking.use_tracking_uri(store.uri)
         store.experiment(study_config.experiment)
         storage = f"sqlite:///{store.folder / 'optuna.db'}"
-        with timings.collect() as records, Stopwatch() as watch:
+        with timings.collect() as records, Stopwatch() as watch, CpuClock() as cpu:
             result = run_study(study_config, splits, storage)
-    return watch.seconds, result.study, records
+    return watch.seconds, result.study, records, cpu.seconds
 
 
-def replay_untracked(study, study_config, splits) -> tuple[float, int]:
+def replay_untracked(study, study_config, splits) -> tuple[float, int, float]:
     """Seconds to train and test-evaluate each finished trial's config for the epochs it
-    ran (pruned trials stop early), with plain fit: no MLflow, no Optuna; and how many."""
+    ran (pruned trials stop early), with plain fit: no MLflow, no Optuna; how many; and
+    the CPU seconds it took."""
     import optuna
 
     from mnist_track.metrics import classification_report
@@ -56,14 +60,14 @@ def replay_untracked(study, study_config, splits) -> tuple[float, int]:
     from mnist_track.tune import suggest_config
 
     trials = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
-    with Stopwatch() as watch:
+    with Stopwatch() as watch, CpuClock() as cpu:
         for trial in trials:
             config = suggest_config(optuna.trial.FixedTrial(trial.params), study_config)
             config = config.model_copy(update={"epochs": len(trial.intermediate_values)})
             result = fit(config, splits)
             logits = predict_logits(result.model, splits.test.images)
             classification_report(logits, splits.test.labels)
-    return watch.seconds, len(trials)
+    return watch.seconds, len(trials), cpu.seconds
 
 
 def fixed_costs(records) -> dict[str, list[float]]:
@@ -114,20 +118,21 @@ def run(context: Context) -> list[Figure]:
     plots.start_figure_worker(study_plots.PRELOAD)  # as `mnist-track tune` does first
     warm_up_mlflow(context)
     repeats = 1 if context.quick else REPEATS
-    pairs, all_records, counts = [], [], []
+    pairs, all_records, counts, cpu = [], [], [], []
     for index in range(repeats):
         log(f"study: {study_config.n_trials} trials of {CONFIG.name}, tracked ({index + 1})")
-        wall, study, records = tracked_study(study_config, splits)
+        wall, study, records, tracked_cpu = tracked_study(study_config, splits)
         log(f"study: the same trials untracked ({index + 1})")
-        untracked, replayed = replay_untracked(study, study_config, splits)
+        untracked, replayed, untracked_cpu = replay_untracked(study, study_config, splits)
+        cpu.append((tracked_cpu, untracked_cpu))
         ran = sum(r.kind == "run" for r in records)
         pairs.append((ran / (wall / 60), replayed / (untracked / 60)))
         all_records.append(records)
         counts.append((ran, wall, untracked))
-    return figures(context, study_config, pairs, all_records, counts)
+    return figures(context, study_config, pairs, all_records, counts, cpu)
 
 
-def figures(context, study_config, pairs, all_records, counts) -> list[Figure]:
+def figures(context, study_config, pairs, all_records, counts, cpu) -> list[Figure]:
     tracked = [p[0] for p in pairs]
     untracked = [p[1] for p in pairs]
     ratios = [p[0] / p[1] for p in pairs]
@@ -164,6 +169,7 @@ def figures(context, study_config, pairs, all_records, counts) -> list[Figure]:
                 f"beforehand) vs {untracked_seconds:.1f} s untracked"
             ),
         ),
+        _cpu_figure(cpu, quick),
         _cost_figure("completed", costs["completed"], 0.25, quick),
         _cost_figure("pruned", costs["pruned"], 0.05, quick),
     ]
@@ -209,5 +215,37 @@ def _cost_figure(label: str, values: list[float], target: float, quick: bool) ->
             f"median over {len(values)} {label} trials, spread {spread(values, ' s')}: the "
             f"trial's run (train_and_track's own phase timings) less its {shared}, i.e. "
             "MLflow, figures, model, registry, champion and Optuna's per-epoch report"
+        ),
+    )
+
+
+def _cpu_figure(cpu: list[tuple[float, float]], quick: bool) -> Figure:
+    """CPU seconds of the two sides. Untracked training keeps the cores busy (CPU about
+    cores x wall), so unless part of that is not useful work, the trials-per-minute
+    ratio cannot exceed this one, however tracking were overlapped with training."""
+    tracked = statistics.median(t for t, _ in cpu)
+    untracked = statistics.median(u for _, u in cpu)
+    ratios = [u / t for t, u in cpu]
+    cores = os.cpu_count() or 1
+    budget = untracked / 0.75 - untracked  # the tracking CPU that 0.75x would allow
+    return Figure(
+        NAME,
+        "CPU time of the tracked study (its process and figure workers)",
+        tracked,
+        "s",
+        reference="the same trials untracked",
+        reference_value=untracked,
+        reference_unit="s",
+        ratio=statistics.median(ratios),
+        ratio_of="untracked / tracked",
+        estimate=quick,
+        note=(
+            f"median of {len(cpu)} interleaved pairs, ratio spread {spread(ratios, 'x')}; "
+            f"user + system seconds of all threads. Untracked training keeps the {cores} "
+            "cores busy, so unless part of its CPU is not useful work (2 torch threads "
+            "are not twice as fast as one), this is the ceiling of the trials-per-minute "
+            "ratio here, however tracking overlapped training: 0.75x would need the "
+            f"study's tracking within {budget:.1f} CPU seconds (it takes "
+            f"{tracked - untracked:.1f})"
         ),
     )
