@@ -203,7 +203,7 @@ def train(
         tracking.use_tracking_uri(tracking_uri)
         raw = load_mnist(data_dir, download=download)
         splits = splits_for(raw, config, device)
-        _stop_on_sigterm()
+        interrupts = _stop_on_signals()
         progress = EpochProgress(config.epochs, quiet)
         outcome = train_and_track(
             config,
@@ -211,8 +211,8 @@ def train(
             experiment=experiment,
             run_name=run_name,
             registered_model=registered_model if register else None,
-            on_epoch=progress,
-            on_batches=progress.batches,
+            on_epoch=_checked(interrupts, progress),
+            on_batches=_checked(interrupts, progress.batches),
         )
         click.echo(run_summary(outcome, registered_model, tracking.run_url(outcome.run_id)))
 
@@ -389,14 +389,16 @@ def tune(
         raw = load_mnist(data_dir, download=download)
         splits = splits_for(raw, train_config, torch_device)
         progress = EpochProgress(train_config.epochs, quiet)
-        _stop_on_sigterm()
+        interrupts = _stop_on_signals()
         result = run_study(
             study_config,
             splits,
             storage_url,
-            on_trial=lambda trial: click.echo(trial_line(trial)),
-            on_epoch=lambda number, epoch: progress(epoch, prefix=f"trial {number} "),
-            on_batches=progress.batches,
+            on_trial=_checked(interrupts, lambda trial: click.echo(trial_line(trial))),
+            on_epoch=_checked(
+                interrupts, lambda number, epoch: progress(epoch, prefix=f"trial {number} ")
+            ),
+            on_batches=_checked(interrupts, progress.batches),
             on_abandoned=lambda number: click.echo(
                 f"trial {number:>3} ABANDONED: failed by another worker while this one was "
                 "paused or cut off; it runs again with the same parameters"
@@ -424,14 +426,21 @@ def _storage_url(storage: str | None, tracking_uri: str) -> str:
     return url
 
 
-def _stop_on_sigterm() -> None:
-    """`kill` ends a study like Ctrl-C: the running trial and runs are closed properly."""
-    import signal
+def _stop_on_signals():
+    """`kill` ends a run or study like Ctrl-C; neither can be lost (`Interrupts`)."""
+    from mnist_track.interrupts import Interrupts
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+    return Interrupts().install()
 
-    signal.signal(signal.SIGTERM, interrupt)
+
+def _checked(interrupts, callback):
+    """`callback`, then the interrupt the signal handler could not raise, if one came."""
+
+    def call(*args):
+        callback(*args)
+        interrupts.check()
+
+    return call
 
 
 @main.command()
