@@ -200,3 +200,39 @@ def test_the_logged_model_holds_every_file_saved(logged, tmp_path, small_splits)
 
     # Registering the version (the fixture's run did) adds MLflow's registered_model_meta.
     assert set(listed()) - {"registered_model_meta"} == saved
+
+
+def test_the_logged_files_are_the_saved_files_byte_for_byte(tmp_path, small_splits, monkeypatch):
+    """The files upload while the saved model is checked (which imports its code):
+    what lands in the store must be exactly the folder as saved."""
+    saved: dict[str, bytes] = {}
+    check = tracking._check_serving_example
+
+    def snapshot_then_check(path):
+        saved.update(
+            {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+        )
+        check(path)
+
+    monkeypatch.setattr(tracking, "_check_serving_example", snapshot_then_check)
+    (tmp_path / "store").mkdir()
+    with in_sqlite_store(tmp_path / "store") as uri:
+        outcome = train_and_track(
+            TrainConfig(epochs=1, hidden_sizes=(32,)),
+            small_splits,
+            experiment="byte-for-byte",
+            registered_model=None,
+        )
+        model_id = model_id_of(uri, outcome.run_id)
+        logged = mlflow.artifacts.download_artifacts(
+            f"models:/{model_id}", dst_path=str(tmp_path / "logged")
+        )
+    logged_files = {
+        p.relative_to(logged).as_posix(): p.read_bytes()
+        for p in (tmp_path / "logged").rglob("*")
+        if p.is_file()
+    }
+    assert "artifacts/model.safetensors" in saved and "MLmodel" in saved
+    # Downloading a model by its models:/ URI adds MLflow's registered_model_meta.
+    assert logged_files.keys() - {"registered_model_meta"} == saved.keys()
+    assert {name: logged_files[name] for name in saved} == saved
