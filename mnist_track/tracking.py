@@ -38,13 +38,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT as DATASET_CONTEXT_TAG
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import (
     MAX_ENTITIES_PER_BATCH,
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
-from mnist_track import descriptions, timings
+from mnist_track import descriptions, missing_modules, timings
 from mnist_track.coordination import creating_store
 from mnist_track.defaults import CHAMPION_ALIAS, SYSTEM_METRICS_INTERVAL_SECONDS
 from mnist_track.errors import MnistTrackError
@@ -53,6 +54,7 @@ from mnist_track.redact import redact_text, redact_url
 if TYPE_CHECKING:
     from mnist_track.data import SplitLineage
 
+missing_modules.remember_absent()
 # Artifact transfers are local and fast; their progress bars only clutter the output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow prints two "View run/experiment at" lines per run against a tracking server;
