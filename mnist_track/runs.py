@@ -203,7 +203,12 @@ def _register(run_id, model_uri, name, version_tags, description, split, still_w
         raise TrialAbandoned(abandoned)
     try:
         with timings.phase("champion decision"):
-            champion = tracking.crown_champion(name, split, candidate=version)
+            champion = tracking.crown_champion(
+                name,
+                split,
+                candidate=version,
+                candidate_accuracy=float(version_tags[tracking.VALIDATION_ACCURACY_TAG]),
+            )
     except BaseException as error:
         # The trial fails with this error: its version and its FINISHED run must not
         # outlive it (a version is a promise that its trial completed).

@@ -54,6 +54,7 @@ from mnist_track.redact import redact_text, redact_url
 if TYPE_CHECKING:
     from mnist_track.data import SplitLineage
 
+# MLflow probes for Databricks before every request to a tracking server (missing_modules).
 missing_modules.remember_absent()
 # Artifact transfers are local and fast; their progress bars only clutter the output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -525,12 +526,16 @@ def _begin_run(experiment, run_name, tags, parent_run_id, run_id) -> tuple[RunLo
     # A new run gets its tags in the call that creates it: a process killed right after
     # still leaves a run that reconciliation can find by its study and trial tags.
     creation_tags = {k: str(v) for k, v in (tags or {}).items()} if run_id is None else None
+    if creation_tags is not None and parent_run_id is not None:
+        # The tag `start_run(parent_run_id=)` would set, without the read of the parent
+        # it makes first: one request per trial to a tracking server, for a parent the
+        # study checked as it started.
+        creation_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     active = mlflow.start_run(
         run_id=run_id,
         experiment_id=experiment_id,
         run_name=run_name if run_id is None else None,
         nested=parent_run_id is not None,
-        parent_run_id=parent_run_id,
         tags=creation_tags,
     )
     log = RunLog(
@@ -945,13 +950,23 @@ class Champion:
         return version is not None and self.version == version
 
 
-def crown_champion(name: str, split: str, candidate: str | None = None) -> Champion:
+def crown_champion(
+    name: str,
+    split: str,
+    candidate: str | None = None,
+    candidate_accuracy: float | None = None,
+) -> Champion:
     """Point `champion` at the best version: highest validation accuracy among versions
     whose run FINISHED and that were validated on the same split as the champion (or as
     `split`, when there is no valid champion). Ties go to the older version.
 
     Any worker can recompute this, so racing workers converge: each that moves the alias
-    re-reads and decides again until what it reads agrees with what it wrote."""
+    re-reads and decides again until what it reads agrees with what it wrote.
+
+    A worker deciding for its new version `candidate`, validated on `split` with
+    `candidate_accuracy`, first reads only the champion: most versions cannot move it
+    (`_champion_stays`), and then the versions need not be read at all (one request less
+    per trial to a tracking server, and that one grows with the versions)."""
     finished: dict[str, bool] = {}  # run id -> FINISHED, cached across passes
 
     def valid(version) -> bool:
@@ -959,6 +974,10 @@ def crown_champion(name: str, split: str, candidate: str | None = None) -> Champ
             finished[version.run_id] = run_status(version.run_id) == "FINISHED"
         return finished[version.run_id]
 
+    if candidate is not None and candidate_accuracy is not None:
+        stays = _champion_stays(name, split, candidate, candidate_accuracy, valid)
+        if stays is not None:
+            return stays
     decision = Champion(None)
     for _attempt in range(CHAMPION_ATTEMPTS):
         # The versions are read while the champion and its run are.
@@ -979,12 +998,15 @@ def crown_champion(name: str, split: str, candidate: str | None = None) -> Champ
             key=lambda v: (-float(v.tags[VALIDATION_ACCURACY_TAG]), int(v.version)),
         )
         best = next((v for v in comparable if valid(v)), None)
+        mine = next((v for v in versions if str(v.version) == str(candidate)), None)
+        mine_split = None if mine is None else mine.tags.get(VALIDATION_SPLIT_TAG, "")
+        note = _why_not_compared(candidate, mine_split, reference)
         if best is None:
             invalid = current is not None and not valid(current)
             if invalid and not _lost_race(MlflowClient().delete_registered_model_alias, name):
                 continue
-            return Champion(None, _why_not_compared(candidate, versions, reference))
-        decision = Champion(str(best.version), _why_not_compared(candidate, versions, reference))
+            return Champion(None, note)
+        decision = Champion(str(best.version), note)
         if current is not None and str(current.version) == str(best.version):
             # Nothing written, so nothing another worker wrote was overwritten: no need to
             # read again (most trials do not beat the champion).
@@ -1017,13 +1039,33 @@ def _lost_race(change_alias: Callable[..., None], name: str, *version: str) -> b
     return True
 
 
-def _why_not_compared(candidate: str | None, versions: list, reference: str) -> str | None:
-    mine = next((v for v in versions if str(v.version) == str(candidate)), None)
-    if mine is None or mine.tags.get(VALIDATION_SPLIT_TAG) == reference:
+def _champion_stays(name, split, candidate, accuracy, valid) -> Champion | None:
+    """The decision for a new version that cannot move `champion`; None when it may.
+    It cannot when the champion is valid and was validated on another split (the new
+    version is not compared) or is at least as accurate (ties go to the older version).
+    Comparing the new version alone is enough: the champion was the best when it was
+    crowned, a better version registered since is crowned by its own worker's decision,
+    and a version that stops being valid is removed and the champion decided in full."""
+    current = alias_version(name)
+    if current is None or str(current.version) == str(candidate) or not valid(current):
+        return None
+    reference = current.tags.get(VALIDATION_SPLIT_TAG, "")
+    if reference != split:
+        return Champion(str(current.version), _why_not_compared(candidate, split, reference))
+    held = current.tags.get(VALIDATION_ACCURACY_TAG)
+    if held is not None and float(held) >= accuracy:
+        return Champion(str(current.version))
+    return None
+
+
+def _why_not_compared(candidate: str | None, split: str | None, reference: str) -> str | None:
+    """Why version `candidate`, validated on `split`, was not compared with the champion
+    (validated on `reference`); None when it was."""
+    if candidate is None or split is None or split == reference:
         return None
     return (
         f"version {candidate} was not compared with the champion: it was validated on "
-        f"another split ({mine.tags.get(VALIDATION_SPLIT_TAG, 'unknown')} vs {reference}); "
+        f"another split ({split or 'unknown'} vs {reference}); "
         "use `mnist-track promote` to crown it by hand"
     )
 

@@ -386,3 +386,64 @@ def test_reading_a_store_that_does_not_exist_creates_nothing(tracking_uri, tmp_p
     with pytest.raises(tracking.TrackingError, match=f"no MLflow tracking store at {typo}"):
         tracking.use_tracking_uri(f"sqlite:///{typo}", create=False)
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+# --- a worker's decision for its own new version ---------------------------------------
+
+
+def counting_version_reads(monkeypatch) -> list:
+    reads: list = []
+    real = tracking.versions_of
+    monkeypatch.setattr(tracking, "versions_of", lambda *a: reads.append(a) or real(*a))
+    return reads
+
+
+def test_a_version_no_better_than_the_champion_is_decided_without_reading_versions(
+    store, version, monkeypatch
+):
+    held, _ = version(0.95)
+    crown_champion(MODEL, SPLIT)
+    reads = counting_version_reads(monkeypatch)
+    for accuracy in (0.90, 0.95):  # worse, and a tie (the older version keeps it)
+        newer, _ = version(accuracy)
+        decision = crown_champion(MODEL, SPLIT, candidate=newer, candidate_accuracy=accuracy)
+        assert decision == Champion(held)
+    assert reads == []
+    assert champion() == held
+
+
+def test_a_version_on_another_split_is_not_compared_without_reading_versions(
+    store, version, monkeypatch
+):
+    held, _ = version(0.95)
+    crown_champion(MODEL, SPLIT)
+    reads = counting_version_reads(monkeypatch)
+    other, _ = version(0.99, OTHER_SPLIT)
+    decision = crown_champion(MODEL, OTHER_SPLIT, candidate=other, candidate_accuracy=0.99)
+    assert decision.version == held and reads == []
+    assert f"version {other}" in decision.note and "promote" in decision.note
+
+
+def test_a_better_version_is_decided_in_full(store, version, monkeypatch):
+    """Beating the champion, it reads every version: one registered meanwhile by a
+    worker that has not decided yet may be better still."""
+    version(0.90)
+    crown_champion(MODEL, SPLIT)
+    undecided, _ = version(0.99)  # its worker's decision still to come
+    mine, _ = version(0.97)
+    reads = counting_version_reads(monkeypatch)
+    assert crown_champion(MODEL, SPLIT, candidate=mine, candidate_accuracy=0.97) == Champion(
+        undecided
+    )
+    assert reads and champion() == undecided
+
+
+def test_an_invalid_champion_is_decided_in_full_even_for_a_worse_version(store, version):
+    runner_up, _ = version(0.93)
+    best, best_run = version(0.97)
+    crown_champion(MODEL, SPLIT)
+    store.update_run(best_run, status="FAILED")  # its trial was taken over
+    worse, _ = version(0.80)
+    decision = crown_champion(MODEL, SPLIT, candidate=worse, candidate_accuracy=0.80)
+    assert decision == Champion(runner_up)
+    assert champion() == runner_up

@@ -57,6 +57,31 @@ def test_a_run_that_returns_ends_finished_with_its_tags(migrated_store):
     assert run.data.metrics == {"m": 1.0}
 
 
+def test_a_child_run_lives_under_its_parent_and_does_not_read_it(migrated_store, monkeypatch):
+    """A study's trials: nested under the parent, in its experiment, without MLflow's read
+    of the parent per trial (a request each to a tracking server)."""
+    from mlflow import MlflowClient
+
+    parent = tracking.create_run("family", "study", {})
+    with tracking.start_run("family", "first", parent_run_id=parent):
+        pass  # the first child of a process reads the parent's experiment, once
+    reads = []
+    get_run = MlflowClient.get_run
+    monkeypatch.setattr(
+        MlflowClient, "get_run", lambda self, run_id: reads.append(run_id) or get_run(self, run_id)
+    )
+    with tracking.start_run("family", "second", parent_run_id=parent) as log:
+        pass
+    assert parent not in reads
+    child = ended(log.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent
+    assert child.info.experiment_id == ended(parent).info.experiment_id
+    [found] = MlflowClient().search_runs(
+        [child.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and run_name = 'second'"
+    )
+    assert found.info.run_id == log.run_id
+
+
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
 def test_a_run_stopped_by_a_killed_on_exception_ends_killed(migrated_store, interrupt):
     with (
