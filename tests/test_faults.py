@@ -91,3 +91,29 @@ def test_a_child_without_a_target_runs_to_the_end():
     result = _run_killed_child("")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["after-1", "after-2", "after-3"]
+
+
+def test_a_pause_at_the_second_occurrence_stops_there_until_resumed():
+    code = "\n".join(
+        ["from mnist_track.faults import fault_point"]
+        + [f"fault_point('mid_training'); print('after-{i}', flush=True)" for i in (1, 2, 3)]
+    )
+    env = dict(os.environ) | {KILL_AT_ENV: "mid_training@2:stop"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        _, status = os.waitpid(child.pid, os.WUNTRACED)  # returns once it has stopped
+        assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP
+        assert child.stdout.readline().split() == ["after-1"]
+        child.send_signal(signal.SIGCONT)
+        assert child.stdout.read().split() == ["after-2", "after-3"]
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+
+
+def test_an_unknown_action_names_the_variable(monkeypatch):
+    monkeypatch.setenv(KILL_AT_ENV, "mid_training:pause")
+    with pytest.raises(ValueError, match=f"{KILL_AT_ENV}.*'pause'"):
+        fault_point("mid_training")

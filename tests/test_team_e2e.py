@@ -29,6 +29,8 @@ from conftest import BIN_DIR, cli_env, run_cli
 from stores import ROLE_TAG, RUN_ID_ATTR, Stores, tiny_study
 from tracking_server import output_of, start_worker
 
+from mnist_track.faults import KILL_AT_ENV
+
 pytest_plugins = ["postgres", "tracking_server"]
 pytestmark = pytest.mark.e2e
 
@@ -234,7 +236,9 @@ def test_a_worker_killed_at_any_point_leaves_the_promises_intact(tracking_server
 def test_a_paused_worker_gives_up_its_trial_without_harm(tracking_server, tmp_path):
     """Worker A is paused (SIGSTOP) mid-trial past the grace period; worker B fails A's
     trial and runs it again; A resumed (SIGCONT) must not register, crown, flip its run
-    back or crash."""
+    back or crash. A pauses itself after its first epoch (the fault seam's `:stop`): a
+    SIGSTOP sent from here once the epoch shows in the store could land after the trial
+    had ended, since a short trial's epochs reach the store with its final metrics."""
     stores = Stores(tracking_server.url, tracking_server.storage_url)
     config = team_config(
         tmp_path,
@@ -244,9 +248,12 @@ def test_a_paused_worker_gives_up_its_trial_without_harm(tracking_server, tmp_pa
     )
     folder_a, folder_b = worker_folders(tmp_path, 2)
     args = (str(config), "--threads", "1")
-    worker_a = start_worker(tracking_server, folder_a, *args, name="tune")
-    run_id = wait_for_first_epoch(stores, "paused", worker_a, folder_a)
-    worker_a.send_signal(signal.SIGSTOP)
+    worker_a = start_worker(
+        tracking_server, folder_a, *args, name="tune", env_extra={KILL_AT_ENV: "mid_training:stop"}
+    )
+    wait_until_stopped(worker_a, folder_a)
+    [trial] = stores.study("paused").get_trials(deepcopy=False)
+    run_id = trial.user_attrs[RUN_ID_ATTR]
     try:
         worker_b = start_worker(tracking_server, folder_b, *args, name="tune")
         assert wait(worker_b, folder_b, "tune") == 0, output_of(folder_b, "tune")
@@ -262,26 +269,19 @@ def test_a_paused_worker_gives_up_its_trial_without_harm(tracking_server, tmp_pa
     assert_invariants(stores, config, n_trials=2)
 
 
-def wait_for_first_epoch(stores: Stores, study: str, process, folder: Path) -> str:
-    """The run id of the first trial, once its first epoch is logged."""
-    import optuna
-
-    deadline = time.monotonic() + 240
+def wait_until_stopped(process: subprocess.Popen, folder: Path, timeout: float = 240) -> None:
+    """Returns once `process` has stopped itself (SIGSTOP); fails if it exits first."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        pid, status = os.waitpid(process.pid, os.WUNTRACED | os.WNOHANG)
+        if pid and os.WIFSTOPPED(status):
+            return
+        if pid:  # exited (and reaped here): Popen no longer can
+            process.returncode = os.waitstatus_to_exitcode(status)
             pytest.fail(f"worker exited {process.returncode} early:\n{output_of(folder, 'tune')}")
-        try:
-            trials = stores.study(study).get_trials(deepcopy=False)
-        except KeyError:
-            trials = []  # the study is not created yet
-        for trial in trials:
-            run_id = trial.user_attrs.get(RUN_ID_ATTR)
-            if run_id and stores.client.get_metric_history(run_id, "val/accuracy"):
-                return run_id
-        time.sleep(0.1)
+        time.sleep(0.05)
     process.kill()
-    pytest.fail(f"no epoch was logged:\n{output_of(folder, 'tune')}")
-    return optuna.__name__  # unreachable
+    pytest.fail(f"the worker never paused:\n{output_of(folder, 'tune')}")
 
 
 @pytest.mark.postgres
