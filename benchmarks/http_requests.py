@@ -5,7 +5,8 @@ Ids and artifact paths are folded, so one trial's requests group into a short ta
 count is deterministic where a trial's seconds on a shared machine are not.
 
 `python -m benchmarks.http_requests` prints the table for one logged trial (quick.yaml's
-training settings) against a fresh tracking server, in the order the requests were made.
+training settings, a child of a study's parent run) against a fresh tracking server, in
+the order the requests were made.
 """
 
 from __future__ import annotations
@@ -99,10 +100,22 @@ def main() -> None:
         postgres_url = stack.enter_context(postgres.postgres_cluster())
         server = stack.enter_context(tracking_server.running_tracking_server(postgres_url))
         tracking.use_tracking_uri(server.url)
-        # The first trial creates the experiment and the registered model.
-        train_and_track(train, splits, experiment="requests", registered_model="requests")
+        # A study's trials: children of one parent run. The first creates the registered
+        # model and reads the parent's experiment.
+        parent = tracking.create_run("requests", "study", {})
+
+        def trial():
+            train_and_track(
+                train,
+                splits,
+                experiment="requests",
+                registered_model="requests",
+                parent_run_id=parent,
+            )
+
+        trial()
         with counting_requests() as log:
-            train_and_track(train, splits, experiment="requests", registered_model="requests")
+            trial()
     for r in log.requests:
         print(f"{r.milliseconds:7.1f} ms  {r.thread[:18]:18}  {r.method:6} {r.path}")
     total = sum(r.milliseconds for r in log.requests)
