@@ -415,10 +415,21 @@ class RunLog:
             return
         if background:
             with self._lock:
-                self.pending.append(
-                    _background.submit(self.client.log_inputs, self.run_id, datasets)
-                )
+                self.pending.append(_background.submit(self._log_inputs, datasets))
         else:
+            self._log_inputs(datasets)
+
+    def _log_inputs(self, datasets: list[DatasetInput]) -> None:
+        """A store records a dataset once per experiment: it looks the dataset up, then
+        inserts it. Two workers logging a new dataset at the same moment both insert, and
+        the loser fails on the unique key (seen on a tracking server with PostgreSQL);
+        asked again, it finds the winner's dataset and only links it to this run."""
+        try:
+            self.client.log_inputs(self.run_id, datasets)
+        except MlflowException as error:
+            if not _DUPLICATE_KEY.search(str(error)):
+                raise
+            time.sleep(0.05 + random.random() * 0.1)  # let the winner's insert commit
             self.client.log_inputs(self.run_id, datasets)
 
     def log_pngs(self, pngs: Mapping[str, bytes], artifact_path: str) -> None:
@@ -453,6 +464,10 @@ _SPLIT_SCHEMA = json.dumps(
         }
     }
 )  # fmt: skip
+
+
+# PostgreSQL's and SQLite's words for an insert that lost a race on a unique key.
+_DUPLICATE_KEY = re.compile(r"UniqueViolation|duplicate key|UNIQUE constraint failed", re.I)
 
 
 def _dataset_input(split: SplitLineage) -> DatasetInput:

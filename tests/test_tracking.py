@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -244,3 +245,41 @@ def test_system_metrics_without_psutil_say_how_to_install_it(system_metrics_sett
     with pytest.raises(tracking.TrackingError, match="pip install psutil"):
         tracking.log_system_metrics()
     assert "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" not in os.environ  # nothing switched on
+
+
+DATASET_RACE = (
+    "BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique "
+    'constraint "dataset_pk" DETAIL: Key (experiment_id, name, digest)=(3, mnist-train, 7d85) '
+    "already exists."
+)
+
+
+@pytest.mark.parametrize("error, calls", [(DATASET_RACE, 2), ("store is gone", 1)])
+def test_datasets_lost_to_another_workers_insert_are_logged_again(
+    migrated_store, monkeypatch, small_splits, error, calls
+):
+    """Two workers logging a new dataset at once on PostgreSQL: the loser's insert fails on
+    the unique key, and asking again links the winner's dataset. Other errors fail the
+    run as before."""
+    from mlflow import MlflowClient
+
+    made = []
+    real = MlflowClient.log_inputs
+
+    def first_loses(self, run_id, datasets=None, models=None):
+        made.append(run_id)
+        if len(made) == 1:
+            raise tracking.MlflowException(error)
+        return real(self, run_id, datasets)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", first_loses)
+    with contextlib.suppress(tracking.MlflowException), tracking.start_run("datasets") as log:
+        log.log_datasets(small_splits.lineage, background=True)
+    assert len(made) == calls
+    run = ended(log.run_id)
+    if calls == 2:
+        assert run.info.status == "FINISHED"
+        names = {d.dataset.name for d in run.inputs.dataset_inputs}
+        assert names == {split.name for split in small_splits.lineage}
+    else:
+        assert run.info.status == "FAILED"
