@@ -28,9 +28,9 @@ class Interrupts:
             self.received = signum
         raise KeyboardInterrupt
 
-    def check(self, *_: Any) -> None:
-        """Raise the interrupt again if one came (any arguments: it is called as a
-        progress callback). Only the trial loop calls it: once an interrupt has been
-        raised where it is caught, the runs' clean-up never comes back here."""
+    def check(self) -> None:
+        """Raise the interrupt again if one came. Only the progress callbacks of the trial
+        loop call it: once an interrupt has been raised where it is caught, the runs'
+        clean-up never comes back here."""
         if self.received is not None:
             raise KeyboardInterrupt
