@@ -989,15 +989,19 @@ def crown_champion(
             finished[version.run_id] = run_status(version.run_id) == "FINISHED"
         return finished[version.run_id]
 
-    if candidate is not None and candidate_accuracy is not None:
-        stays = _champion_stays(name, split, candidate, candidate_accuracy, valid)
+    read_first = candidate is not None and candidate_accuracy is not None
+    if read_first:
+        current = alias_version(name)
+        stays = _champion_stays(current, split, candidate, candidate_accuracy, valid)
         if stays is not None:
             return stays
     decision = Champion(None)
-    for _attempt in range(CHAMPION_ATTEMPTS):
-        # The versions are read while the champion and its run are.
+    for attempt in range(CHAMPION_ATTEMPTS):
+        # The versions are read while the champion and its run are (on the first pass,
+        # the champion just read for `_champion_stays`).
         versions_read = _parallel.submit(versions_of, name)
-        current = alias_version(name)
+        if attempt > 0 or not read_first:
+            current = alias_version(name)
         current_valid = current is not None and valid(current)
         versions = versions_read.result()
         reference = split
@@ -1054,14 +1058,14 @@ def _lost_race(change_alias: Callable[..., None], name: str, *version: str) -> b
     return True
 
 
-def _champion_stays(name, split, candidate, accuracy, valid) -> Champion | None:
-    """The decision for a new version that cannot move `champion`; None when it may.
+def _champion_stays(current, split, candidate, accuracy, valid) -> Champion | None:
+    """The decision for a new version that cannot move `champion` (now `current`, the
+    version carrying it, or None); None when it may.
     It cannot when the champion is valid and was validated on another split (the new
     version is not compared) or is at least as accurate (ties go to the older version).
     Comparing the new version alone is enough: the champion was the best when it was
     crowned, a better version registered since is crowned by its own worker's decision,
     and a version that stops being valid is removed and the champion decided in full."""
-    current = alias_version(name)
     if current is None or str(current.version) == str(candidate) or not valid(current):
         return None
     reference = current.tags.get(VALIDATION_SPLIT_TAG, "")

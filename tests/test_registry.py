@@ -432,10 +432,16 @@ def test_a_better_version_is_decided_in_full(store, version, monkeypatch):
     undecided, _ = version(0.99)  # its worker's decision still to come
     mine, _ = version(0.97)
     reads = counting_version_reads(monkeypatch)
+    alias_reads = []
+    real_alias = tracking.alias_version
+    monkeypatch.setattr(
+        tracking, "alias_version", lambda *a: alias_reads.append(a) or real_alias(*a)
+    )
     assert crown_champion(MODEL, SPLIT, candidate=mine, candidate_accuracy=0.97) == Champion(
         undecided
     )
     assert reads and champion() == undecided
+    assert len(alias_reads) == 2  # once before deciding, once to confirm what it set
 
 
 def test_an_invalid_champion_is_decided_in_full_even_for_a_worse_version(store, version):
