@@ -51,6 +51,7 @@ def register_small_model(context: Context, store) -> None:
     store.experiment(NAME)
     with tracking.start_run(NAME, "serving-model") as run:
         model_uri = tracking.log_model(
+            run,
             result.model.state_dict(),
             architecture_of(config),
             example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),

@@ -140,13 +140,16 @@ def train_and_track(
             # The epoch metrics may still be on their way: the run's end waits for them.
             with timings.phase("model logging"):
                 model_uri = tracking.log_model(
+                    log,
                     result.model.state_dict(),
                     architecture_of(config),
                     example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
                     params=config.to_params(),
                 )
-            # Sent while the figures upload; the run's end waits for them too.
+            # Sent now, while the model is marked READY and the figures upload; the run's
+            # end waits for all three.
             log.log_metrics(final_metrics(result, report), model_uri=model_uri, background=True)
+            log.send()
             fault_point("after_model_logging")
         except BaseException:
             # Never end the run while its plots still upload; the first error is the one.

@@ -372,13 +372,23 @@ class RunLog:
             params = params[len(some_params) :]
             tags = tags[len(some_tags) :]
 
-    def flush(self) -> None:
-        """Send what waits, and wait for the background requests; the first failure is
-        raised here."""
+    def send(self) -> None:
+        """Send what waits now, in the background, without waiting for it (`flush` does)."""
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
             self._send_waiting()
+
+    def wait_for(self, request: Future) -> None:
+        """A request of the run's made elsewhere, that `flush` waits for too."""
+        with self._lock:
+            self.pending.append(request)
+
+    def flush(self) -> None:
+        """Send what waits, and wait for the background requests; the first failure is
+        raised here."""
+        self.send()
+        with self._lock:
             pending, self.pending = self.pending, []
         for request in pending:
             request.result()
@@ -744,16 +754,21 @@ def pip_requirements() -> tuple[str, ...]:
 
 
 def log_model(
+    log: RunLog,
     state_dict: Mapping[str, Any],
     architecture: Mapping[str, Any],
     example_pixels: np.ndarray,
     params: Mapping[str, Any] | None = None,
 ) -> str:
-    """Log the network as an MLflow pyfunc model of the active run: weights as
+    """Log the network as an MLflow pyfunc model of the active run (`log`'s): weights as
     safetensors, architecture as JSON, code as code (models-from-code plus this package),
     so nothing is pickled; `params` (the run's config) go onto the model's page. Returns
     the model's URI; registering it is a separate, last step (`register_version`), once
     the run is complete.
+
+    Returns once its files are uploaded; the model is marked READY in the background,
+    while the caller sends the run's final metrics, and the run's end waits for it
+    (`RunLog.flush`): a run never ends FINISHED with a model that is not READY.
 
     The steps of `mlflow.pyfunc.log_model`, without the requests it spends on finding
     what the caller knows: it reads the run back for its params and experiment, reads each
@@ -765,7 +780,7 @@ def log_model(
     from mlflow.models import Model
 
     run = mlflow.active_run()
-    if run is None:
+    if run is None or run.info.run_id != log.run_id:
         raise TrackingError("a model is logged into an active run (tracking.start_run)")
     run_id = run.info.run_id
     client = MlflowClient()
@@ -805,7 +820,7 @@ def log_model(
         with contextlib.suppress(Exception):  # the error that stopped the logging comes first
             client.finalize_logged_model(model.model_id, "FAILED")
         raise
-    client.finalize_logged_model(model.model_id, "READY")
+    log.wait_for(_parallel.submit(client.finalize_logged_model, model.model_id, "READY"))
     return f"models:/{model.model_id}"
 
 

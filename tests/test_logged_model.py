@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import mlflow
 import numpy as np
 import pytest
 from conftest import in_sqlite_store
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 
 from mnist_track import tracking
 from mnist_track.config import TrainConfig
@@ -88,6 +90,8 @@ def test_the_final_test_metrics_are_linked_to_the_logged_model(logged):
     assert linked["test/accuracy"] == pytest.approx(outcome.test.accuracy)
     run = MlflowClient(uri).get_run(outcome.run_id)
     assert run.data.metrics["test/accuracy"] == pytest.approx(outcome.test.accuracy)
+    # Marked READY in the background, while those metrics were sent; the run ended after.
+    assert model.status == LoggedModelStatus.READY
 
 
 def test_the_run_records_its_three_splits_as_dataset_inputs(logged, small_splits, data_dir):
@@ -143,6 +147,35 @@ def test_a_failed_champion_decision_leaves_no_version_and_no_finished_run(
     assert run.info.status == "FAILED"
     assert "stopped answering" in run.data.tags[tracking.ERROR_TAG]
     assert tracking.versions_of("failed-decision") == []
+
+
+def test_a_run_ends_only_once_its_model_is_ready(tracking_uri, small_splits, monkeypatch):
+    """The READY mark goes in the background while the final metrics are sent: a slow one
+    still lands before the run ends FINISHED and before its version is registered."""
+    real = MlflowClient.finalize_logged_model
+    marked = []
+
+    def slow(self, model_id, status):
+        time.sleep(0.5)
+        result = real(self, model_id, status)
+        marked.append(time.time())
+        return result
+
+    monkeypatch.setattr(MlflowClient, "finalize_logged_model", slow)
+    outcome = train_and_track(
+        TrainConfig(epochs=1, hidden_sizes=(16,)),
+        small_splits,
+        experiment="slow-ready",
+        registered_model="slow-ready",
+    )
+    client = MlflowClient()
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert len(marked) == 1 and run.info.end_time / 1000 >= marked[0] - 0.01
+    version = client.get_model_version("slow-ready", outcome.model_version)
+    assert version.creation_timestamp / 1000 >= marked[0] - 0.01
+    model = client.get_logged_model(model_id_of(tracking_uri, outcome.run_id))
+    assert model.status == LoggedModelStatus.READY
 
 
 def _saved_model(tmp_path, small_splits):

@@ -51,7 +51,7 @@ def logged(tmp_path_factory, small_splits, raw_mnist):
             with tracking.start_run("model-files", name) as run:
                 example = np.zeros((1, 784), np.uint8)
                 copies[name] = tracking.log_model(
-                    load_file(weights), architecture_of(config), example
+                    run, load_file(weights), architecture_of(config), example
                 )
             if name == "version-2":
                 tracking.register_version(copies[name], MODEL, run.run_id, {})

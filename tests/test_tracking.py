@@ -190,6 +190,44 @@ def test_background_logging_sends_at_most_once_per_interval(migrated_store, monk
     assert len(sent) == 3
 
 
+def test_send_sends_what_waits_without_waiting_for_the_interval(migrated_store, monkeypatch):
+    monkeypatch.setattr(tracking, "BATCH_INTERVAL_SECONDS", 60)
+    with tracking.start_run("sent") as log:
+        log.log_metrics({"test/accuracy": 0.9}, background=True)
+        assert log.client.get_run(log.run_id).data.metrics == {}  # waits for the interval
+        log.send()
+        [request] = log.pending  # the caller does not wait; the run's end does
+        request.result(timeout=10)
+        assert log.client.get_run(log.run_id).data.metrics == {"test/accuracy": 0.9}
+
+
+def test_a_request_handed_to_the_run_is_waited_for_before_it_ends(migrated_store):
+    """RunLog.wait_for: e.g. the logged model's READY mark, sent in the background."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    finished = []
+    with ThreadPoolExecutor(1) as pool, tracking.start_run("waits") as log:
+        log.wait_for(pool.submit(lambda: (time.sleep(0.3), finished.append(time.time()))))
+        ending = time.time()
+    assert finished and finished[0] >= ending
+    assert ended(log.run_id).info.end_time / 1000 >= finished[0] - 0.01
+
+
+def test_a_request_handed_to_the_run_that_fails_fails_the_run(migrated_store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fails():
+        raise tracking.MlflowException("the model could not be marked READY")
+
+    with (
+        ThreadPoolExecutor(1) as pool,
+        pytest.raises(tracking.MlflowException, match="READY"),
+        tracking.start_run("fails") as log,
+    ):
+        log.wait_for(pool.submit(fails))
+    assert ended(log.run_id).info.status == "FAILED"
+
+
 def test_a_failed_background_request_fails_the_run(migrated_store, monkeypatch):
     with pytest.raises(tracking.MlflowException), tracking.start_run("background") as log:
         monkeypatch.setattr(
