@@ -1006,7 +1006,7 @@ def crown_champion(
 
     read_first = candidate is not None and candidate_accuracy is not None
     if read_first:
-        current = alias_version(name)
+        current = _read_champion(name, finished)
         stays = _champion_stays(current, split, candidate, candidate_accuracy, valid)
         if stays is not None:
             return stays
@@ -1056,6 +1056,30 @@ def crown_champion(
         ):
             return decision
     return decision
+
+
+# (registry URI, registered model) -> the run of the last champion this process read:
+# its status is read while the alias is, one round trip less per decision while the
+# champion stays.
+_CHAMPION_RUNS: dict[tuple[str, str], str] = {}
+
+
+def _read_champion(name: str, finished: dict[str, bool]):
+    """The version carrying `champion` (or None); the status of the run this process
+    last saw behind it is read at the same time, into `finished`, and used if the
+    champion is still that run's. Both reads start after the caller's version is
+    registered, as sequential reads would."""
+    key = (mlflow.get_registry_uri(), name)
+    guess = _CHAMPION_RUNS.get(key)
+    status_read = _parallel.submit(run_status, guess) if guess else None
+    current = alias_version(name)
+    if current is None:
+        _CHAMPION_RUNS.pop(key, None)
+        return None
+    _CHAMPION_RUNS[key] = current.run_id
+    if status_read is not None and current.run_id == guess:
+        finished[guess] = status_read.result() == "FINISHED"
+    return current
 
 
 def _lost_race(change_alias: Callable[..., None], name: str, *version: str) -> bool:

@@ -5,6 +5,7 @@ created with MlflowClient and versions point at cheap logged-model records."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from mlflow import MlflowClient
@@ -452,4 +453,73 @@ def test_an_invalid_champion_is_decided_in_full_even_for_a_worse_version(store, 
     worse, _ = version(0.80)
     decision = crown_champion(MODEL, SPLIT, candidate=worse, candidate_accuracy=0.80)
     assert decision == Champion(runner_up)
+    assert champion() == runner_up
+
+
+def timed_reads(monkeypatch) -> list[tuple[str, str, float]]:
+    """(what, event, time) of every alias read and run-status read from now on."""
+    events: list[tuple[str, str, float]] = []
+
+    def timed(what, real):
+        def read(*args):
+            events.append((what, "start", time.perf_counter()))
+            time.sleep(0.05)  # a tracking server's round trip, so overlap shows
+            try:
+                return real(*args)
+            finally:
+                events.append((what, "end", time.perf_counter()))
+
+        return read
+
+    monkeypatch.setattr(tracking, "alias_version", timed("alias", tracking.alias_version))
+    monkeypatch.setattr(tracking, "run_status", timed("run", tracking.run_status))
+    return events
+
+
+def test_the_champions_run_is_read_while_the_alias_is(store, version, monkeypatch):
+    """A worker that saw the champion before reads its run's status at the same time as
+    the alias (one round trip, not two, while the champion stays)."""
+    held, _ = version(0.95)
+    crown_champion(MODEL, SPLIT)
+    first, _ = version(0.90)
+    crown_champion(MODEL, SPLIT, candidate=first, candidate_accuracy=0.90)  # sees the champion
+    events = timed_reads(monkeypatch)
+    second, _ = version(0.91)
+    assert crown_champion(MODEL, SPLIT, candidate=second, candidate_accuracy=0.91) == Champion(held)
+    times = {(what, event): t for what, event, t in events}
+    assert sorted(what for what, event, _ in events if event == "start") == ["alias", "run"]
+    # Overlapped, not one after the other.
+    assert times["run", "start"] < times["alias", "end"]
+    assert times["alias", "start"] < times["run", "end"]
+
+
+def test_a_champion_that_moved_has_its_own_run_read(store, version, monkeypatch):
+    held, _ = version(0.95)
+    crown_champion(MODEL, SPLIT)
+    seen, _ = version(0.90)
+    crown_champion(MODEL, SPLIT, candidate=seen, candidate_accuracy=0.90)
+    moved, moved_run = version(0.99)
+    crown_champion(MODEL, SPLIT)  # another worker crowns it; this one guesses the old run
+    events = timed_reads(monkeypatch)
+    worse, _ = version(0.92)
+    assert crown_champion(MODEL, SPLIT, candidate=worse, candidate_accuracy=0.92) == Champion(moved)
+    # The guessed run's status is not the champion's: its own run is read after the alias.
+    starts = sorted(what for what, event, _ in events if event == "start")
+    assert starts == ["alias", "run", "run"]
+    last_run_start = max(t for what, event, t in events if (what, event) == ("run", "start"))
+    alias_end = next(t for what, event, t in events if (what, event) == ("alias", "end"))
+    assert last_run_start > alias_end
+
+
+def test_a_champion_whose_run_failed_since_it_was_seen_is_replaced(store, version):
+    runner_up, _ = version(0.93)
+    best, best_run = version(0.97)
+    crown_champion(MODEL, SPLIT)
+    seen, _ = version(0.90)
+    crown_champion(MODEL, SPLIT, candidate=seen, candidate_accuracy=0.90)  # guesses best_run
+    store.update_run(best_run, status="FAILED")
+    worse, _ = version(0.80)
+    assert crown_champion(MODEL, SPLIT, candidate=worse, candidate_accuracy=0.80) == Champion(
+        runner_up
+    )
     assert champion() == runner_up
