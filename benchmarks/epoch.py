@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import TRAIN_IMAGES, Context, Figure, data_dir, log
-from mnist_track.defaults import PIXEL_MEAN, PIXEL_STD
+from mnist_track.pixels import PIXEL_MEAN, PIXEL_STD
 
 NAME = "epoch"
 REFERENCE = "torchvision MNIST + ToTensor/Normalize + DataLoader(workers=0)"

@@ -40,8 +40,8 @@ def register_small_model(context: Context, store) -> None:
     with the functions train_and_track uses (no plots: they do not change the model)."""
     from mnist_track import tracking
     from mnist_track.config import TrainConfig
-    from mnist_track.data import to_pixels
     from mnist_track.models import architecture_of
+    from mnist_track.pixels import to_pixels
     from mnist_track.train import fit
 
     config = TrainConfig(epochs=1, train_limit=10_000)

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnist_track.defaults import DATA_DIR_ENV, PIXEL_MEAN, PIXEL_STD, TEST_SIZE, TRAIN_SIZE
+from mnist_track.defaults import DATA_DIR_ENV, TEST_SIZE, TRAIN_SIZE
 from mnist_track.errors import MnistTrackError
+from mnist_track.pixels import normalize_pixels
 
 DEFAULT_DATA_DIR = "data"
 
@@ -237,21 +238,6 @@ def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = True)
         test_labels=arrays["t10k-labels-idx1-ubyte"],
         folder=str(folder.resolve()),
     )
-
-
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (or 0..255 float) pixels of shape (N, 28, 28) or (N, 784) -> the float32
-    (N, 1, 28, 28) tensor the networks take. Training and serving both go through here."""
-    images = pixels.reshape(-1, 1, 28, 28).to(torch.float32)
-    # Out of place: float input must not be changed under its caller.
-    return images * (1.0 / (255.0 * PIXEL_STD)) - PIXEL_MEAN / PIXEL_STD
-
-
-def to_pixels(images: torch.Tensor) -> np.ndarray:
-    """Normalized images back to uint8 pixels (N, 28, 28), for plots and input examples:
-    the inverse of `normalize_pixels`."""
-    pixels = (images.detach().cpu().float() * PIXEL_STD + PIXEL_MEAN) * 255.0
-    return pixels.round().clamp(0, 255).to(torch.uint8).reshape(-1, 28, 28).numpy()
 
 
 TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")

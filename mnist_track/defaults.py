@@ -11,9 +11,6 @@ STORAGE_ENV = "MNIST_TRACK_STORAGE"  # the Optuna storage URL, kept off command 
 TRAIN_SIZE = 60000  # images in MNIST's training file (split into train and validation)
 TEST_SIZE = 10000
 
-# Mean and standard deviation of the training pixels scaled to 0..1.
-PIXEL_MEAN = 0.1307
-PIXEL_STD = 0.3081
 PROGRESS_EVERY = 20  # batches between progress reports within an epoch (~0.5 s of CNN)
 # MLflow samples system metrics every 10 s by default and logs nothing for a shorter run:
 # a trial of a few seconds would get none at all.

@@ -15,10 +15,11 @@ import torch
 
 from mnist_track import descriptions, plots, timings, tracking
 from mnist_track.config import TrainConfig
-from mnist_track.data import MnistSplits, to_pixels
+from mnist_track.data import MnistSplits
 from mnist_track.faults import fault_point
 from mnist_track.metrics import ClassificationReport, classification_report
 from mnist_track.models import architecture_of, count_parameters, describe_architecture
+from mnist_track.pixels import to_pixels
 from mnist_track.train import EpochMetrics, FitResult, fit, predict_logits
 
 GRID_SIZE = 32  # digits per prediction grid

@@ -44,9 +44,9 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
 
-from mnist_track.data import normalize_pixels
 from mnist_track.errors import MnistTrackError
 from mnist_track.models import IMAGE_SIDE, build_model
+from mnist_track.pixels import normalize_pixels
 
 WEIGHTS_ARTIFACT = "weights"
 ARCHITECTURE_ARTIFACT = "architecture"

@@ -74,9 +74,8 @@ ARCHITECTURE_FILE = "architecture.json"
 # Not model_code.py: MLflow runs its own copy at the model's top, and nothing imports it.
 SERVED_MODULES = (
     "__init__.py",
-    "defaults.py",
     "errors.py",
-    "data.py",
+    "pixels.py",
     "models.py",
     "serving.py",
 )

@@ -17,10 +17,10 @@ from mnist_track.data import (
     DataError,
     load_mnist,
     make_splits,
-    normalize_pixels,
     read_idx,
     resolve_data_dir,
 )
+from mnist_track.pixels import PIXEL_MEAN, PIXEL_STD
 
 CPU = torch.device("cpu")
 LABELS = "t10k-labels-idx1-ubyte"  # the smallest file, for corruption tests
@@ -36,7 +36,7 @@ def link_all(source: Path, target: Path, skip: tuple[str, ...] = ()) -> None:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Undo normalize_pixels: normalized (N, 1, 28, 28) -> uint8 (N, 784)."""
-    pixels = images.reshape(len(images), -1) * (255 * data.PIXEL_STD) + 255 * data.PIXEL_MEAN
+    pixels = images.reshape(len(images), -1) * (255 * PIXEL_STD) + 255 * PIXEL_MEAN
     return pixels.round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
@@ -342,20 +342,3 @@ def test_train_limit_does_not_change_the_validation_set(raw_mnist, full_splits):
     assert torch.equal(limited.validation.labels, full_splits.validation.labels)
     # The limited training set is a subset of the full one (here: its first images).
     assert torch.equal(limited.train.labels, full_splits.train.labels[:1000])
-
-
-def test_normalize_pixels_accepts_flat_and_square_input():
-    pixels = torch.arange(2 * 784, dtype=torch.int64).remainder(256).to(torch.uint8)
-    flat = normalize_pixels(pixels.reshape(2, 784))
-    square = normalize_pixels(pixels.reshape(2, 28, 28))
-    assert flat.shape == square.shape == (2, 1, 28, 28)
-    assert torch.equal(flat, square)
-    expected = (pixels.double() / 255 - data.PIXEL_MEAN) / data.PIXEL_STD
-    assert (flat.reshape(-1).double() - expected).abs().max().item() < 1e-5
-
-
-def test_normalize_pixels_leaves_float_input_unchanged():
-    pixels = torch.full((1, 784), 255.0)
-    before = pixels.clone()
-    normalize_pixels(pixels)
-    assert torch.equal(pixels, before)

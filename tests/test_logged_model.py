@@ -18,7 +18,7 @@ from mlflow.entities import LoggedModelStatus
 
 from mnist_track import tracking
 from mnist_track.config import TrainConfig
-from mnist_track.data import to_pixels
+from mnist_track.pixels import to_pixels
 from mnist_track.runs import train_and_track
 
 

@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from mnist_track.config import TrainConfig
-from mnist_track.data import normalize_pixels
 from mnist_track.models import architecture_of
+from mnist_track.pixels import normalize_pixels
 from mnist_track.serving import (
     MAX_IMAGES,
     DigitClassifier,
