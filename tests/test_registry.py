@@ -494,11 +494,11 @@ def test_the_champions_run_is_read_while_the_alias_is(store, version, monkeypatc
 
 
 def test_a_champion_that_moved_has_its_own_run_read(store, version, monkeypatch):
-    held, _ = version(0.95)
+    version(0.95)
     crown_champion(MODEL, SPLIT)
     seen, _ = version(0.90)
     crown_champion(MODEL, SPLIT, candidate=seen, candidate_accuracy=0.90)
-    moved, moved_run = version(0.99)
+    moved, _ = version(0.99)
     crown_champion(MODEL, SPLIT)  # another worker crowns it; this one guesses the old run
     events = timed_reads(monkeypatch)
     worse, _ = version(0.92)
