@@ -10,10 +10,33 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 N_CLASSES = 10
 IMAGE_SIDE = 28
+_WORD_VALUES = 1 << 16  # the mask is drawn as 16-bit random words
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, with the CPU mask drawn from 16-bit random words.
+
+    Torch's CPU dropout draws one Bernoulli sample per element, serially
+    (pytorch/pytorch#138199): about 20% of an MLP or CNN training step here. Four words
+    per 64-bit draw make the mask about 5x cheaper. `p` is rounded to 1/65536 and kept
+    values are scaled by the inverse of the kept fraction actually used, so the layer's
+    expected output still equals its input. Other devices keep torch's fused kernel.
+    """
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not self.training or inputs.device.type != "cpu" or not 0 < self.p < 1:
+            return super().forward(inputs)
+        count = inputs.numel()
+        bits = torch.empty(-(-count // 4), dtype=torch.int64).random_(-(1 << 63), None)
+        words = bits.view(torch.int16)[:count].view(inputs.shape)
+        dropped = min(round(self.p * _WORD_VALUES), _WORD_VALUES - 1)
+        keep = words >= dropped - _WORD_VALUES // 2  # int16 words run from -32768
+        return inputs * keep.to(inputs.dtype).mul_(_WORD_VALUES / (_WORD_VALUES - dropped))
 
 
 def build_mlp(hidden_sizes: Sequence[int], dropout: float) -> nn.Sequential:
@@ -35,7 +58,7 @@ def build_cnn(
             nn.ReLU(),
         ]
         in_channels, side = out_channels, side // 2
-    layers += [nn.Flatten(), nn.Dropout(dropout)]
+    layers += [nn.Flatten(), Dropout(dropout)]
     layers += _dense_head(in_channels * side * side, hidden_sizes, dropout)
     return nn.Sequential(*layers)
 
@@ -44,7 +67,7 @@ def _dense_head(width: int, hidden_sizes: Sequence[int], dropout: float) -> list
     """Linear+ReLU+Dropout per hidden size, then a Linear to the 10 logits."""
     layers: list[nn.Module] = []
     for size in hidden_sizes:
-        layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+        layers += [nn.Linear(width, size), nn.ReLU(), Dropout(dropout)]
         width = size
     layers.append(nn.Linear(width, N_CLASSES))
     return layers

@@ -10,6 +10,7 @@ from torch import nn
 
 from mnist_track.config import TrainConfig
 from mnist_track.models import (
+    Dropout,
     architecture_of,
     build_model,
     count_parameters,
@@ -136,3 +137,65 @@ def test_unknown_family_raises():
 )
 def test_describe_architecture(config, described):
     assert describe_architecture(config) == described
+
+
+# --- Dropout: torch's meaning, a cheaper CPU mask -----------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.2, 0.25, 0.5, 0.05])
+def test_dropout_keeps_1_minus_p_and_preserves_the_mean(p):
+    torch.manual_seed(0)
+    inputs = torch.ones(1000, 1000)
+    outputs = Dropout(p).train()(inputs)
+    kept = outputs != 0
+    # 10^6 draws: the kept fraction's standard deviation is under 0.0005.
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.002
+    assert torch.allclose(outputs[kept], torch.full_like(outputs[kept], 1 / (1 - p)))
+    assert abs(outputs.mean().item() - 1.0) < 0.005
+
+
+def test_dropout_draws_each_element_independently():
+    """Pairs of neighbours and of elements four apart (one 64-bit draw feeds four words)
+    are both kept as often as independent draws are: (1 - p)^2."""
+    torch.manual_seed(0)
+    kept = Dropout(0.5).train()(torch.ones(2000, 1000)) != 0
+    flat = kept.flatten()
+    for gap in (1, 4):
+        both = (flat[:-gap] & flat[gap:]).float().mean().item()
+        assert abs(both - 0.25) < 0.002, gap
+
+
+def test_dropout_draws_a_new_mask_each_call_and_repeats_under_a_seed():
+    layer = Dropout(0.3).train()
+    inputs = torch.ones(64, 33)  # 2112 elements: not a whole number of 64-bit draws per row
+    torch.manual_seed(1)
+    first, second = layer(inputs), layer(inputs)
+    torch.manual_seed(1)
+    assert torch.equal(layer(inputs), first)
+    assert not torch.equal(first, second)
+
+
+def test_dropout_gradient_is_the_mask_and_eval_mode_is_the_identity():
+    torch.manual_seed(0)
+    inputs = torch.randn(128, 300, requires_grad=True)
+    layer = Dropout(0.25).train()
+    outputs = layer(inputs)
+    outputs.sum().backward()
+    assert torch.allclose(inputs.grad, (outputs / inputs).detach())
+    assert torch.equal(layer.eval()(inputs), inputs)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.9999999])
+def test_dropout_extremes_stay_finite(p):
+    torch.manual_seed(0)
+    outputs = Dropout(p).train()(torch.ones(100, 100))
+    assert torch.isfinite(outputs).all()
+    if p == 0.0:
+        assert torch.equal(outputs, torch.ones(100, 100))
+
+
+def test_networks_use_the_cheaper_dropout():
+    for family in ("mlp", "cnn"):
+        model = build_model(architecture_of(TrainConfig(model=family, dropout=0.3)))
+        assert layers_of(model, nn.Dropout), family
+        assert all(type(layer) is Dropout for layer in layers_of(model, nn.Dropout)), family
