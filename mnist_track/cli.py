@@ -192,7 +192,7 @@ def train(
         config = load_train_config(config_path, options)
         if system_metrics:
             _log_system_metrics()
-        _start_figure_worker()
+        _start_figure_worker(threads)
         device = _device(config.device, threads)
 
         from mnist_track import tracking
@@ -227,13 +227,14 @@ def _log_system_metrics() -> None:
         raise click.BadParameter(str(error), param_hint="--system-metrics") from None
 
 
-def _start_figure_worker(study: bool = False) -> None:
+def _start_figure_worker(threads: int | None, study: bool = False) -> None:
+    """Figure worker processes (one per CPU thread given, at most two) started now."""
     from mnist_track.plots import start_figure_worker
 
-    preload: tuple[str, ...] = ()
+    preload: tuple[tuple[str, ...], ...] = ()
     if study:  # its workers also draw the summary's plots: their imports load now too
         from mnist_track.study_plots import PRELOAD as preload
-    start_figure_worker(preload)
+    start_figure_worker(preload, processes=threads or os.cpu_count())
 
 
 def _device(name: str, threads: int | None = None):
@@ -374,7 +375,7 @@ def tune(
         )
         if system_metrics:
             _log_system_metrics()  # into each trial's run
-        _start_figure_worker(study=True)
+        _start_figure_worker(threads, study=True)
         torch_device = _device(study_config.train.device, threads)
 
         from mnist_track import tracking

@@ -1,6 +1,7 @@
 """Figures of a run: pure functions from numbers and images to matplotlib Figures, and
 `render_run_figures`, which draws a run's set of PNGs from plain data, and `render_async`,
-which does that in two worker processes that die with their parent.
+which does that in worker processes (two, or one per CPU thread given) that die with
+their parent.
 
 Figures are built with the object API (no pyplot state), so they need no closing and can
 be drawn from any thread or process. They are kept cheap because every trial draws them:
@@ -291,7 +292,6 @@ def render_run_figures(
 
 # --- drawing in the background ---------------------------------------------------------
 
-_pool: ProcessPoolExecutor | None = None
 PARENT_CHECK_SECONDS = 0.5
 
 
@@ -310,20 +310,19 @@ class FigureJob:
 
     def __init__(
         self,
-        futures: list[tuple[Future, tuple[str, ...]]],
+        futures: list[tuple[Future, tuple[str, ...], int]],
         draw: Callable[[Any, Collection[str]], dict[str, bytes]],
         data: Any,
     ) -> None:
         self.futures, self.draw, self.data = futures, draw, data
 
     def pngs(self) -> dict[str, bytes]:
-        global _pool
         pngs: dict[str, bytes] = {}
-        for future, names in self.futures:
+        for future, names, lane in self.futures:
             try:
                 pngs |= future.result()
             except BrokenProcessPool:
-                _pool = None
+                _forget_lane(lane)
                 pngs |= self.draw(self.data, names)
         return pngs
 
@@ -337,28 +336,59 @@ class FigureJob:
 # One thread for the uploads: a run's figures go up while its model is logged.
 _uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="figure-upload")
 
-
-def _figure_pool() -> ProcessPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ProcessPoolExecutor(
-            max_workers=len(SHARES),
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_follow_parent,
-            initargs=(os.getpid(),),
-        )
-    return _pool
+# The worker processes, one per lane: share i of a drawing goes to lane i % lane count,
+# so a lane imports only what its shares draw (the study summary's importances need
+# scikit-learn, ~1.3 CPU-s to import, in one lane only). As many lanes as shares, or
+# fewer where this process was given fewer CPU threads (`start_figure_worker`).
+_lanes: dict[int, ProcessPoolExecutor] = {}
+_lane_count = len(SHARES)
+_lanes_lock = threading.Lock()
 
 
-def start_figure_worker(preload: Sequence[str] = ()) -> None:
-    """Spawn the figure workers now and let them import matplotlib (and the modules in
-    `preload`) and load their fonts (about a second) while this process imports torch and
-    reads MNIST, rather than during the first run's figures. Returns at once; any failure
-    shows later as a drawing here."""
+def _lane(share: int) -> tuple[int, ProcessPoolExecutor]:
+    """The lane that draws share number `share`, its process spawned on first use."""
+    lane = share % _lane_count
+    with _lanes_lock:
+        if lane not in _lanes:
+            _lanes[lane] = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_follow_parent,
+                initargs=(os.getpid(),),
+            )
+        return lane, _lanes[lane]
+
+
+def _forget_lane(lane: int) -> None:
+    """A lane whose process died: the next drawing spawns a new one."""
+    with _lanes_lock:
+        _lanes.pop(lane, None)
+
+
+def lane_modules(preload: Sequence[Sequence[str]], lanes: int) -> list[tuple[str, ...]]:
+    """For each of `lanes` lanes, the modules that the shares it draws need (`preload[i]`
+    for share i), each once."""
+    modules: list[dict[str, None]] = [{} for _ in range(lanes)]
+    for share, names in enumerate(preload):
+        modules[share % lanes].update(dict.fromkeys(names))
+    return [tuple(names) for names in modules]
+
+
+def start_figure_worker(
+    preload: Sequence[Sequence[str]] = (), processes: int | None = None
+) -> None:
+    """Spawn the figure workers now and let them import matplotlib (and `preload[i]`, the
+    modules that share i of a later drawing needs) and load their fonts (about a second)
+    while this process imports torch and reads MNIST, rather than during the first run's
+    figures. `processes` (at most one per share) is the CPU this process was given: a
+    worker given one thread draws in one process. Returns at once; any failure shows
+    later as a drawing here."""
+    global _lane_count
+    if processes is not None and not _lanes:
+        _lane_count = max(1, min(processes, len(SHARES)))
     with contextlib.suppress(BrokenProcessPool, RuntimeError, OSError):
-        pool = _figure_pool()
-        for _ in SHARES:
-            pool.submit(_warm_up, tuple(preload))
+        for lane, modules in enumerate(lane_modules(preload, _lane_count)):
+            _lane(lane)[1].submit(_warm_up, modules)
 
 
 def _warm_up(preload: tuple[str, ...] = ()) -> None:
@@ -378,18 +408,19 @@ def in_workers(
     data: Any,
     shares: Sequence[tuple[str, ...]],
 ) -> FigureJob:
-    """Start `draw(data, share)` for each share of figure names, one share per worker
-    process at once; `draw` must be a module-level function (it is pickled by name)."""
-    global _pool
-    futures: list[tuple[Future, tuple[str, ...]]] = []
-    for names in shares:
+    """Start `draw(data, share)` for each share of figure names, share i in lane i; `draw`
+    must be a module-level function (it is pickled by name)."""
+    futures: list[tuple[Future, tuple[str, ...], int]] = []
+    for index, names in enumerate(shares):
+        lane = index % _lane_count
         try:
-            future = _figure_pool().submit(draw, data, names)
+            lane, pool = _lane(index)
+            future = pool.submit(draw, data, names)
         except (BrokenProcessPool, RuntimeError, OSError):
-            _pool = None
+            _forget_lane(lane)
             future = Future()
             future.set_result(draw(data, names))
-        futures.append((future, names))
+        futures.append((future, names, lane))
     return FigureJob(futures, draw, data)
 
 

@@ -21,10 +21,12 @@ SHARES = (
     ("parallel_coordinate", "intermediate_values", "param_importances"),
 )
 MIN_WIDTH, MIN_HEIGHT = 8, 5  # inches: Optuna's defaults crowd the labels
-# What the plots import on first use, ~0.7 s of it scikit-learn for the importances'
-# fANOVA: worth importing in the figure workers while a study starts (`plots.
-# start_figure_worker(PRELOAD)`), not while its summary waits.
-PRELOAD = ("mnist_track.study_plots", "optuna.visualization.matplotlib", "optuna.importance")
+# What each share's plots import on first use, worth importing in the figure workers
+# while a study starts (`plots.start_figure_worker(PRELOAD)`), not while its summary
+# waits. The importances' fANOVA needs scikit-learn, ~1.3 CPU-s to import: only the
+# lane that draws them (the second share's) imports it.
+_PLOTTING = ("mnist_track.study_plots", "optuna.visualization.matplotlib")
+PRELOAD = (_PLOTTING, (*_PLOTTING, "optuna.importance"))
 
 
 @dataclass(frozen=True)

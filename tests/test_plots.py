@@ -220,3 +220,73 @@ def test_figures_filled_again_are_the_figures_a_fresh_layout_draws(report, raw_m
     assert again["confusion_matrix.png"] == png_bytes(plots.confusion_matrix(other.confusion))
     assert again["per_class_scores.png"] == png_bytes(plots.per_class_scores(other))
     assert again != plots.render_run_figures(first)
+
+
+# --- the figure worker processes --------------------------------------------------------
+
+
+def where_drawn(modules: list[str], names) -> dict[str, bytes]:
+    """A `draw` for `plots.in_workers`: the drawing process and which of `modules` it has
+    imported."""
+    import os
+    import sys
+
+    loaded = [module for module in modules if module in sys.modules]
+    return {name: f"{os.getpid()} {' '.join(loaded)}".encode() for name in names}
+
+
+@pytest.fixture
+def fresh_lanes(monkeypatch):
+    """No figure worker process yet, as in a new `train` or `tune`; the processes the test
+    spawns are shut down after it."""
+    lanes: dict = {}
+    monkeypatch.setattr(plots, "_lanes", lanes)
+    monkeypatch.setattr(plots, "_lane_count", len(plots.SHARES))
+    yield
+    for pool in lanes.values():
+        pool.shutdown(wait=True)
+
+
+# Two stdlib modules that nothing here or in a figure worker imports by itself.
+FIRST, SECOND = "colorsys", "wave"
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_each_lane_preloads_what_its_shares_need(fresh_lanes, processes):
+    plots.start_figure_worker(((FIRST,), (SECOND,)), processes=processes)
+    drawn = plots.in_workers(where_drawn, [FIRST, SECOND], (("a",), ("b",))).pngs()
+    (pid_a, *loaded_a), (pid_b, *loaded_b) = (drawn[n].decode().split() for n in "ab")
+    if processes == 1:  # one thread given: one process draws both shares, has both
+        assert pid_a == pid_b
+        assert loaded_a == loaded_b == [FIRST, SECOND]
+    else:  # one process per share; each imported only its share's modules
+        assert pid_a != pid_b
+        assert (loaded_a, loaded_b) == ([FIRST], [SECOND])
+
+
+def test_lanes_modules_are_their_shares_once():
+    preload = (("m", "a"), ("m", "b"), ("c",))
+    assert plots.lane_modules(preload, 1) == [("m", "a", "b", "c")]
+    assert plots.lane_modules(preload, 2) == [("m", "a", "c"), ("m", "b")]
+
+
+def exit_in_worker(parent_pid: int, names) -> dict[str, bytes]:
+    """A `draw` that kills the figure worker process it runs in, and draws in the parent."""
+    import os
+
+    if os.getpid() != parent_pid:
+        os._exit(1)
+    return where_drawn([], names)
+
+
+def test_a_lane_whose_process_died_draws_here_then_spawns_anew(fresh_lanes):
+    import os
+
+    def pid_of(job: plots.FigureJob) -> str:
+        return job.pngs()["a"].decode().split()[0]
+
+    plots.start_figure_worker(processes=1)
+    first = pid_of(plots.in_workers(where_drawn, [], (("a",),)))
+    assert first != str(os.getpid())
+    assert pid_of(plots.in_workers(exit_in_worker, os.getpid(), (("a",),))) == str(os.getpid())
+    assert pid_of(plots.in_workers(where_drawn, [], (("a",),))) not in (first, str(os.getpid()))

@@ -73,8 +73,8 @@ def test_plots_need_enough_trials(n_trials, vary, expected):
 
 
 def test_a_dead_worker_pool_is_drawn_here(monkeypatch):
-    def broken_pool():
+    def broken_lane(share: int):
         raise RuntimeError("cannot start a process")
 
-    monkeypatch.setattr(plots, "_figure_pool", broken_pool)
+    monkeypatch.setattr(plots, "_lane", broken_lane)
     assert set(study_plots.render_async(_study(3)).pngs()) == ALL

@@ -396,13 +396,15 @@ def test_sigterm_ends_a_train_run_killed(tracking_uri, tmp_path):
     assert client.search_model_versions("name = 'mnist-classifier'") == []
 
 
-def test_no_figure_worker_outlives_a_killed_study(tracking_uri, tmp_path):
-    """The figure worker process exits when its parent is SIGKILLed (it used to be
-    re-parented and hold the terminal)."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_no_figure_worker_outlives_a_killed_study(tracking_uri, tmp_path, threads):
+    """The figure worker processes (one per CPU thread given, at most two) exit when
+    their parent is SIGKILLed (they used to be re-parented and hold the terminal)."""
     marker = f"mnist-track-test-{os.getpid()}-{time.time_ns()}"
     config = team_config(tmp_path, "orphans", n_trials=3)
     process = subprocess.Popen(
-        [str(BIN_DIR / "mnist-track"), "tune", str(config), "--no-download"],
+        [str(BIN_DIR / "mnist-track"), "tune", str(config), "--no-download"]
+        + ["--threads", str(threads)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=cli_env(MNIST_TRACK_TEST_MARKER=marker),
@@ -411,7 +413,12 @@ def test_no_figure_worker_outlives_a_killed_study(tracking_uri, tmp_path):
     # The first trial's line means the figure worker has drawn its figures and idles.
     first_line = process.stdout.readline()
     assert "COMPLETE" in first_line
-    assert processes_with(marker) - {process.pid}, "no figure worker was started"
+    figure_workers = [
+        pid
+        for pid in processes_with(marker)
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(figure_workers) == threads
     process.kill()
     process.wait(timeout=30)
     deadline = time.monotonic() + 10
