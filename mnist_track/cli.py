@@ -141,6 +141,11 @@ def main() -> None:
     help="Learning-rate schedule [cosine].",
 )
 @click.option("--batch-size", type=click.IntRange(1), help="[128]")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    help="bf16: train under bfloat16 autocast (fast where the CPU or GPU has bf16) [fp32].",
+)
 @click.option("--epochs", type=click.IntRange(1), help="[10]")
 @click.option("--seed", type=int, help="Seed for weights, dropout and shuffling [0].")
 @click.option("--val-size", type=click.IntRange(1), help="Validation images [5000].")

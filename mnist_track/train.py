@@ -5,6 +5,7 @@ with its per-epoch history. It knows nothing of MLflow or Optuna: they listen th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from mnist_track.config import TrainConfig
 
 EVAL_BATCH_SIZE = 4096  # inference needs no small batches; large ones amortize overhead
+# TrainConfig.precision: the dtype training's forward and backward autocast to (None:
+# none). Evaluation is always float32, as the logged model serves.
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 class TrainingDiverged(MnistTrackError, RuntimeError):
@@ -143,7 +147,14 @@ def fit(
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
         train_loss, train_accuracy = _train_one_epoch(
-            model, optimizer, scheduler, splits.train, config.batch_size, shuffle, on_batches
+            model,
+            optimizer,
+            scheduler,
+            splits.train,
+            config.batch_size,
+            shuffle,
+            on_batches,
+            autocast_dtype=AUTOCAST_DTYPES[config.precision],
         )
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch}")
@@ -172,8 +183,14 @@ def _train_one_epoch(
     batch_size: int,
     shuffle: torch.Generator,
     on_batches: Callable[[int, int], None] | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[float, float]:
     model.train()
+    cast = (
+        torch.autocast(split.images.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
     images, labels = split.images, split.labels
     order = torch.randperm(len(split), generator=shuffle).to(images.device)
     # Sums stay on the device: reading them per batch would sync a GPU every step.
@@ -183,8 +200,9 @@ def _train_one_epoch(
     for done, batch in enumerate(batches, start=1):
         # index_select is several times faster than fancy indexing for row gathers.
         batch_images, batch_labels = images.index_select(0, batch), labels.index_select(0, batch)
-        logits = model(batch_images)
-        loss = F.cross_entropy(logits, batch_labels)
+        with cast:
+            logits = model(batch_images)
+            loss = F.cross_entropy(logits, batch_labels)  # float32: autocast's loss list
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -51,6 +51,7 @@ def error_line(result) -> str:
         (("tune",), "Missing argument 'CONFIG'"),
         (("predict", "."), "no PNG/JPEG images found"),
         (("train", "--threads", "0"), "--threads"),
+        (("train", "--precision", "fp16"), "'fp16' is not one of 'fp32', 'bf16'"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(cli, tmp_path, args, fragment):
@@ -113,7 +114,7 @@ def test_serve_refuses_a_store_that_does_not_exist(cli, tmp_path):
 
 
 def test_train_prints_its_run_and_crowns_the_first_version(cli, migrated_store):
-    result = cli("train", *TINY_TRAIN)
+    result = cli("train", *TINY_TRAIN, "--precision", "bf16")
     assert result.exit_code == 0, result.output
     assert "validation accuracy" in result.output
     assert "models:/mnist-classifier/1  (now champion)" in result.output
@@ -122,6 +123,7 @@ def test_train_prints_its_run_and_crowns_the_first_version(cli, migrated_store):
     [run] = client.search_runs([client.get_experiment_by_name("mnist-track").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["hidden_sizes"] == "32"
+    assert run.data.params["precision"] == "bf16"
 
 
 def test_a_study_then_its_listing_a_resume_and_a_promotion(cli, migrated_store, tmp_path):

@@ -42,6 +42,7 @@ def test_train_config_defaults_are_the_classic_mlp():
     assert config.model == "mlp"
     assert config.hidden_sizes == (128, 64)
     assert config.optimizer == "adam"
+    assert config.precision == "fp32"
 
 
 @pytest.mark.parametrize(
@@ -56,6 +57,7 @@ def test_train_config_defaults_are_the_classic_mlp():
         {"model": "transformer"},
         {"optimizer": "rmsprop"},
         {"lr_schedule": "step"},
+        {"precision": "fp16"},
         {"val_size": 60000},
         {"model": "cnn", "channels": []},
         {"train_limit": 0},
