@@ -297,7 +297,9 @@ PARENT_CHECK_SECONDS = 0.5
 
 # The figures split in two shares of about equal drawing time (~55 ms each on a 2-core
 # CPU), drawn by two worker processes at once: while the trial's process logs its model,
-# both are done sooner than one worker drawing all five.
+# both are done sooner than one worker drawing all five. A process given one CPU thread
+# has one worker, which draws both (on a CPU shared with other workers, a second would
+# only cost its start).
 SHARES = (
     ("training_curves.png",),
     ("per_class_scores.png", "confusion_matrix.png", "test_predictions.png", "misclassified.png"),
