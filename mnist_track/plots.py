@@ -347,9 +347,8 @@ _lane_count = len(SHARES)
 _lanes_lock = threading.Lock()
 
 
-def _lane(share: int) -> tuple[int, ProcessPoolExecutor]:
-    """The lane that draws share number `share`, its process spawned on first use."""
-    lane = share % _lane_count
+def _lane(lane: int) -> ProcessPoolExecutor:
+    """Lane number `lane`, its process spawned on first use."""
     with _lanes_lock:
         if lane not in _lanes:
             _lanes[lane] = ProcessPoolExecutor(
@@ -358,7 +357,7 @@ def _lane(share: int) -> tuple[int, ProcessPoolExecutor]:
                 initializer=_follow_parent,
                 initargs=(os.getpid(),),
             )
-        return lane, _lanes[lane]
+        return _lanes[lane]
 
 
 def _forget_lane(lane: int) -> None:
@@ -390,7 +389,7 @@ def start_figure_worker(
         _lane_count = max(1, min(processes, len(SHARES)))
     with contextlib.suppress(BrokenProcessPool, RuntimeError, OSError):
         for lane, modules in enumerate(lane_modules(preload, _lane_count)):
-            _lane(lane)[1].submit(_warm_up, modules)
+            _lane(lane).submit(_warm_up, modules)
 
 
 def _warm_up(preload: tuple[str, ...] = ()) -> None:
@@ -416,8 +415,7 @@ def in_workers(
     for index, names in enumerate(shares):
         lane = index % _lane_count
         try:
-            lane, pool = _lane(index)
-            future = pool.submit(draw, data, names)
+            future = _lane(lane).submit(draw, data, names)
         except (BrokenProcessPool, RuntimeError, OSError):
             _forget_lane(lane)
             future = Future()

@@ -186,12 +186,12 @@ def _train_one_epoch(
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[float, float]:
     model.train()
+    images, labels = split.images, split.labels
     cast = (
-        torch.autocast(split.images.device.type, dtype=autocast_dtype)
+        torch.autocast(images.device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    images, labels = split.images, split.labels
     order = torch.randperm(len(split), generator=shuffle).to(images.device)
     # Sums stay on the device: reading them per batch would sync a GPU every step.
     loss_sum = torch.zeros((), device=images.device)

@@ -73,7 +73,7 @@ def test_plots_need_enough_trials(n_trials, vary, expected):
 
 
 def test_a_dead_worker_pool_is_drawn_here(monkeypatch):
-    def broken_lane(share: int):
+    def broken_lane(lane: int):
         raise RuntimeError("cannot start a process")
 
     monkeypatch.setattr(plots, "_lane", broken_lane)
