@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -794,7 +795,7 @@ def log_model(
         linked = _parallel.submit(
             client.log_outputs, run_id, [LoggedModelOutput(model.model_id, step=0)]
         )
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder, _imports_undone(folder):
             path = Path(folder) / "model"
             _save_model(
                 path,
@@ -821,6 +822,32 @@ def log_model(
         raise
     log.wait_for(_parallel.submit(client.finalize_logged_model, model.model_id, "READY"))
     return f"models:/{model.model_id}"
+
+
+# The module name MLflow gives a models-from-code file each time it runs it.
+CODE_MODEL_MODULE_PREFIX = "code_model_"
+
+
+@contextmanager
+def _imports_undone(folder: str | Path) -> Iterator[None]:
+    """Take back what saving and loading a models-from-code model under `folder` leave in
+    this process: MLflow puts the model's code/ folder first on sys.path and keeps the run
+    model_code.py in sys.modules (as code_model_<uuid>, once on save, once on load). A
+    worker logs a model per trial into a folder deleted after upload: left in place,
+    sys.path would grow by one dead folder and sys.modules by two modules every trial."""
+    root = str(folder).rstrip(os.sep)
+    modules = set(sys.modules)
+    try:
+        yield
+    finally:
+        sys.path[:] = [
+            entry
+            for entry in sys.path
+            if not (isinstance(entry, str) and (entry + os.sep).startswith(root + os.sep))
+        ]
+        for name in set(sys.modules) - modules:
+            if name.startswith(CODE_MODEL_MODULE_PREFIX):
+                sys.modules.pop(name, None)
 
 
 def _save_model(path, mlflow_model, state_dict, architecture, example_pixels, scratch) -> None:

@@ -269,3 +269,26 @@ def test_the_logged_files_are_the_saved_files_byte_for_byte(tmp_path, small_spli
     # Downloading a model by its models:/ URI adds MLflow's registered_model_meta.
     assert logged_files.keys() - {"registered_model_meta"} == saved.keys()
     assert {name: logged_files[name] for name in saved} == saved
+
+
+def test_logging_models_leaves_no_imports_behind(tmp_path, small_splits):
+    """MLflow puts each saved model's code/ folder on sys.path and keeps its model code as
+    a module; a worker logging a model per trial must not grow either."""
+
+    def code_models() -> set[str]:
+        return {name for name in sys.modules if name.startswith("code_model_")}
+
+    path_before, modules_before = list(sys.path), code_models()
+    with in_sqlite_store(tmp_path) as uri:
+        for _ in range(2):
+            outcome = train_and_track(
+                TrainConfig(epochs=1, hidden_sizes=(16,)),
+                small_splits,
+                experiment="imports",
+                registered_model=None,
+            )
+        client = MlflowClient(uri)
+        experiment = client.get_run(outcome.run_id).info.experiment_id
+        assert len(client.search_logged_models(experiment_ids=[experiment])) == 2
+    assert sys.path == path_before
+    assert code_models() == modules_before
