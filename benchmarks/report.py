@@ -34,6 +34,17 @@ def number(value: float | None, unit: str = "") -> str:
     return f"{text} {unit}".strip()
 
 
+def beside_target(value: float | None, threshold: float | None, unit: str = "") -> str:
+    """`number(value)`, with four significant digits where its usual rounding would read
+    as the target itself (1.2986 against 1.3 shows 1.299, not 1.30 beside a "no")."""
+    text = number(value, unit)
+    if value is None or threshold is None or value == threshold:
+        return text
+    if number(value) == number(threshold):
+        return f"{value:.4g} {unit}".strip()
+    return text
+
+
 def met_text(figure: Figure) -> str:
     if figure.met is None:
         return "–"
@@ -41,13 +52,16 @@ def met_text(figure: Figure) -> str:
 
 
 def row(figure: Figure) -> str:
-    value = number(figure.value, figure.unit)
+    on, _, threshold = figure.target or (None, None, None)
+    value = beside_target(figure.value, threshold if on == "value" else None, figure.unit)
     if figure.estimate:
         value = f"≈ {value}" if figure.value is not None else "skipped"
     reference = figure.reference
     if figure.reference_value is not None:
         reference = f"{reference}: {number(figure.reference_value, figure.reference_unit)}"
-    ratio = "" if figure.ratio is None else f"{number(figure.ratio)}x ({figure.ratio_of})"
+    ratio_threshold = threshold if on == "ratio" else None
+    ratio = "" if figure.ratio is None else f"{beside_target(figure.ratio, ratio_threshold)}x"
+    ratio += f" ({figure.ratio_of})" if ratio else ""
     cells = [figure.group, figure.name, value, reference, ratio, figure.target_text()]
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + f" | {met_text(figure)} |"
 
