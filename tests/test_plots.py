@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mnist_track import plots
@@ -57,6 +58,27 @@ def test_training_curves(epochs):
     np.testing.assert_allclose(
         accuracy_axes.get_lines()[1].get_ydata(), [h.validation_accuracy for h in history(epochs)]
     )
+
+
+@pytest.mark.parametrize("epochs", [1, 3, 30])
+def test_training_curves_mark_whole_epochs_only(epochs):
+    figure = plots.training_curves(history(epochs))
+    FigureCanvasAgg(figure).draw()
+    for axes in figure.axes:
+        low, high = axes.get_xlim()
+        ticks = [t for t in axes.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        assert low < 1 < high and high - low >= min(epochs - 1, 2)
+        assert 3 <= len([t for t in axes.get_yticks()]) <= 8
+
+
+def test_per_class_scores_legend_leaves_the_bars_uncovered(report):
+    figure = plots.per_class_scores(report)
+    FigureCanvasAgg(figure).draw()
+    [axes] = figure.axes
+    legend = axes.get_legend().get_window_extent()
+    assert legend.x0 >= axes.get_window_extent().x1  # beside the axes, not over the bars
+    assert legend.x1 <= figure.bbox.x1  # and not cut off by the figure's edge
 
 
 def cell_centres(height: int):
@@ -201,19 +223,24 @@ def run_data(report, raw_mnist, epochs: int, offset: int) -> dict:
     }
 
 
-def test_figures_filled_again_are_the_figures_a_fresh_layout_draws(report, raw_mnist):
+@pytest.mark.parametrize(("first_epochs", "second_epochs"), [(5, 2), (1, 4)])
+def test_figures_filled_again_are_the_figures_a_fresh_layout_draws(
+    report, raw_mnist, first_epochs, second_epochs
+):
     """render_run_figures reuses one layout per figure per process: the second run's
-    PNGs must be exactly what fresh figures of its data give, nothing left of the first."""
+    PNGs must be exactly what fresh figures of its data give, nothing left of the first
+    (a lone epoch's fixed limits included)."""
     from dataclasses import replace
 
-    first = run_data(report, raw_mnist, epochs=5, offset=0)
+    plots._layouts.clear()
+    first = run_data(report, raw_mnist, epochs=first_epochs, offset=0)
     other = replace(
         report,
         confusion=np.eye(10, dtype=np.int64) * 7,
         precision=[0.5] * 10,
         macro_f1=0.25,
     )
-    second = run_data(other, raw_mnist, epochs=2, offset=8)
+    second = run_data(other, raw_mnist, epochs=second_epochs, offset=8)
     plots.render_run_figures(first)
     again = plots.render_run_figures(second)
     assert again["training_curves.png"] == png_bytes(plots.training_curves(second["history"]))
