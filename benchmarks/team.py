@@ -235,8 +235,8 @@ def logged_trial_costs(context: Context, server_url: str, repeats: int) -> dict[
         for name, uri in targets.items():  # warm-up: lazy imports, connections
             tracking.use_tracking_uri(uri)
             trial(name)
+        order = list(targets.items())
         for index in range(repeats):
-            order = list(targets.items())
             for name, uri in order if index % 2 == 0 else order[::-1]:
                 log(f"team: one logged trial against {name} ({index + 1}/{repeats})")
                 tracking.use_tracking_uri(uri)

@@ -69,7 +69,7 @@ def test_training_curves_mark_whole_epochs_only(epochs):
         ticks = [t for t in axes.get_xticks() if low <= t <= high]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
         assert low < 1 < high and high - low >= min(epochs - 1, 2)
-        assert 3 <= len([t for t in axes.get_yticks()]) <= 8
+        assert 3 <= len(axes.get_yticks()) <= 8
 
 
 def test_per_class_scores_legend_leaves_the_bars_uncovered(report):
