@@ -25,6 +25,7 @@ from mnist_track.errors import MnistTrackError
 
 LOCK_TIMEOUT_SECONDS = 300.0
 LOCK_POLL_SECONDS = 0.05
+WAL_SWITCH_TIMEOUT = 10.0  # seconds to wait for other connections' locks
 LEASE_PREFIX = "mnist_track.worker."
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,10 @@ def _acquire(try_once: Callable[[], bool], timeout: float, study_name: str) -> N
 @contextlib.contextmanager
 def creating_store(url: str, timeout: float = LOCK_TIMEOUT_SECONDS) -> Iterator[None]:
     """Hold a file lock beside an SQLite database while it is opened (and, when new,
-    created and migrated): workers started together on a fresh mlflow.db or optuna.db
-    would otherwise race to create the same tables. Nothing for other databases, whose
-    servers serialise their own schema changes or whose callers retry."""
+    created and migrated), in write-ahead-log mode: workers started together on a fresh
+    mlflow.db or optuna.db would otherwise race to create the same tables. Nothing for
+    other databases, whose servers serialise their own schema changes or whose callers
+    retry."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -112,7 +114,28 @@ def creating_store(url: str, timeout: float = LOCK_TIMEOUT_SECONDS) -> Iterator[
         yield
         return
     with _file_lock(parsed.database, timeout):
+        if not parsed.query:  # a plain file name, not an SQLite URI with its own options
+            _write_ahead_log(parsed.database)
         yield
+
+
+def _write_ahead_log(database: str | None) -> None:
+    """Put an SQLite database (new or not) in write-ahead-log mode, which the file keeps
+    for every later connection. A study commits ~70 times per trial; in the default
+    rollback-journal mode each commit syncs the disk 2-3 times (~1.3 ms here), in WAL
+    mode once (~0.5 ms), as durably, and readers (`mlflow ui`, other workers) no longer
+    block the writer. WAL needs the database on a local disk, as file locks already do.
+    A database that cannot switch (read-only, busy, not a database) is left as it is:
+    MLflow or Optuna report what is wrong with it."""
+    import sqlite3
+
+    if not database or database == ":memory:":
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(database, timeout=WAL_SWITCH_TIMEOUT)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as error:
+        log.debug("%s stays in its journal mode: %s", database, error)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ worker leases on a real Optuna RDB storage (SQLite in tmp_path)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -363,3 +364,51 @@ def test_creating_another_store_takes_no_lock(url, tmp_path, monkeypatch):
     with creating_store(url, timeout=0.1):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def _journal_mode(path: Path) -> str:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+def test_a_new_sqlite_database_is_created_with_a_write_ahead_log(tmp_path):
+    with creating_store(f"sqlite:///{tmp_path / 'new.db'}"):
+        pass
+    assert _journal_mode(tmp_path / "new.db") == "wal"
+
+
+def test_an_existing_tracking_store_switches_to_a_write_ahead_log(migrated_store, tmp_path):
+    from mnist_track import tracking
+
+    assert _journal_mode(tmp_path / "mlflow.db") == "delete"
+    tracking.use_tracking_uri(migrated_store)
+    assert _journal_mode(tmp_path / "mlflow.db") == "wal"
+
+
+def test_an_existing_sqlite_storage_switches_to_a_write_ahead_log_and_keeps_its_trials(
+    tmp_path,
+):
+    from mnist_track.tune import open_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="kept", storage=url)
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    study._storage.remove_session()  # noqa: SLF001 - Optuna keeps the connection open
+    assert _journal_mode(tmp_path / "optuna.db") == "delete"
+
+    storage = open_storage(url, heartbeat_interval=1, grace_period=3)
+    assert _journal_mode(tmp_path / "optuna.db") == "wal"
+    assert len(optuna.load_study(study_name="kept", storage=storage).trials) == 2
+
+
+def test_a_file_that_is_no_database_is_reported_and_left_as_it_was(tmp_path):
+    from mnist_track import tracking
+    from mnist_track.tracking import TrackingError
+
+    path = tmp_path / "mlflow.db"
+    path.write_bytes(b"my notes, not a database\n" * 100)
+    with pytest.raises(TrackingError, match="file is not a database"):
+        tracking.use_tracking_uri(f"sqlite:///{path}")
+    assert path.read_bytes() == b"my notes, not a database\n" * 100
