@@ -143,8 +143,9 @@ def main() -> None:
 @click.option("--batch-size", type=click.IntRange(1), help="[128]")
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "bf16"]),
-    help="bf16: train under bfloat16 autocast (fast where the CPU or GPU has bf16) [fp32].",
+    type=click.Choice(["fp32", "bf16", "auto"]),
+    help="bf16: train under bfloat16 autocast, fast where the CPU or GPU has it natively; "
+    "auto: bf16 there, fp32 elsewhere [fp32].",
 )
 @click.option("--epochs", type=click.IntRange(1), help="[10]")
 @click.option("--seed", type=int, help="Seed for weights, dropout and shuffling [0].")
@@ -198,7 +199,7 @@ def train(
         if system_metrics:
             _log_system_metrics()
         _start_figure_worker(threads)
-        device = _device(config.device, threads)
+        device = _device(config.device, threads, config.precision)
 
         from mnist_track import tracking
         from mnist_track.console import EpochProgress, run_summary
@@ -242,19 +243,28 @@ def _start_figure_worker(threads: int | None, study: bool = False) -> None:
     start_figure_worker(preload, processes=threads or os.cpu_count())
 
 
-def _device(name: str, threads: int | None = None):
+def _device(name: str, threads: int | None = None, precision: str = "fp32"):
     """The torch device, with this process's CPU threads set (several workers on one
-    machine would otherwise each take every core, and all run slower)."""
+    machine would otherwise each take every core, and all run slower). Training in bf16
+    where the device only emulates it is allowed, with a warning: it is ~10x slower."""
     import torch
 
-    from mnist_track.train import resolve_device
+    from mnist_track.train import has_native_bf16, resolve_device
 
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return resolve_device(name)
+        device = resolve_device(name)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--device") from None
+    if precision == "bf16" and not has_native_bf16(device):
+        click.echo(
+            f"Warning: precision bf16 on {device.type}, which has no native bfloat16 "
+            "(AVX512-BF16 or AMX on a CPU): emulated, it trains several times slower "
+            "than fp32; precision auto picks bf16 only where it is native.",
+            err=True,
+        )
+    return device
 
 
 @main.command()
@@ -381,7 +391,7 @@ def tune(
         if system_metrics:
             _log_system_metrics()  # into each trial's run
         _start_figure_worker(threads, study=True)
-        torch_device = _device(study_config.train.device, threads)
+        torch_device = _device(study_config.train.device, threads, study_config.train.precision)
 
         from mnist_track import tracking
         from mnist_track.console import EpochProgress, study_summary, trial_line

@@ -44,8 +44,9 @@ class TrainConfig(_Frozen):
     batch_size: PositiveInt = 128  # good accuracy per second on a 2-core CPU
     # bf16: training's forward and backward under torch.autocast in bfloat16 (weights,
     # optimizer and evaluation stay float32). ~1.9x faster CNN steps on a CPU with native
-    # bf16 (AVX512-BF16/AMX) or a recent GPU; slower where bf16 is emulated.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # bf16 (AVX512-BF16/AMX) or a recent GPU; ~10x slower where bf16 is emulated (AVX2).
+    # auto: bf16 where the device has it natively, else fp32.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     epochs: PositiveInt = 10
     seed: TorchSeed = 0  # initialization, dropout, shuffling: same seed and device, same weights
     val_size: PositiveInt = 5000  # carved from the 60k training set

@@ -20,7 +20,7 @@ from mnist_track.faults import fault_point
 from mnist_track.metrics import ClassificationReport, classification_report
 from mnist_track.models import architecture_of, count_parameters, describe_architecture
 from mnist_track.pixels import to_pixels
-from mnist_track.train import EpochMetrics, FitResult, fit, predict_logits
+from mnist_track.train import EpochMetrics, FitResult, fit, predict_logits, resolve_precision
 
 GRID_SIZE = 32  # digits per prediction grid
 # What a run's description lists: the settings people compare runs by.
@@ -57,6 +57,7 @@ def run_tags(config: TrainConfig, splits: MnistSplits) -> dict[str, Any]:
         "model_family": config.model,
         "architecture": describe_architecture(config),
         "device": str(splits.train.images.device),
+        "precision": resolve_precision(config.precision, splits.train.images.device),
         "split.train": sizes["train"],
         "split.validation": sizes["validation"],
         "split.test": sizes["test"],

@@ -88,6 +88,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """The precision training runs in: `name`, or for "auto" bf16 where `device` computes
+    bfloat16 natively and fp32 elsewhere. Emulated bf16 is no shortcut: the CNN recipe
+    took 229 s in bf16 against 23 s in fp32 on an AVX2-only CPU (AMD EPYC, Zen 3)."""
+    if name != "auto":
+        return name
+    return "bf16" if has_native_bf16(device) else "fp32"
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware: a CUDA GPU that supports it, a CPU
+    with AVX512-BF16 or AMX (torch's own checks, private, hence the defaults)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+    return False  # MPS: bf16 autocast is not worth it there yet
+
+
 def build_optimizer(
     name: str, parameters, lr: float, device: torch.device
 ) -> torch.optim.Optimizer:
@@ -142,6 +162,7 @@ def fit(
     scheduler = build_scheduler(
         config.lr_schedule, optimizer, config.lr, steps_per_epoch * config.epochs
     )
+    autocast_dtype = AUTOCAST_DTYPES[resolve_precision(config.precision, device)]
     result = FitResult(model=model)
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
@@ -154,7 +175,7 @@ def fit(
             config.batch_size,
             shuffle,
             on_batches,
-            autocast_dtype=AUTOCAST_DTYPES[config.precision],
+            autocast_dtype=autocast_dtype,
         )
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch}")

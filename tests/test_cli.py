@@ -51,7 +51,7 @@ def error_line(result) -> str:
         (("tune",), "Missing argument 'CONFIG'"),
         (("predict", "."), "no PNG/JPEG images found"),
         (("train", "--threads", "0"), "--threads"),
-        (("train", "--precision", "fp16"), "'fp16' is not one of 'fp32', 'bf16'"),
+        (("train", "--precision", "fp16"), "'fp16' is not one of 'fp32', 'bf16', 'auto'"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(cli, tmp_path, args, fragment):
@@ -124,6 +124,30 @@ def test_train_prints_its_run_and_crowns_the_first_version(cli, migrated_store):
     assert run.info.status == "FINISHED"
     assert run.data.params["hidden_sizes"] == "32"
     assert run.data.params["precision"] == "bf16"
+    assert run.data.tags["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_train_in_bf16_warns_only_where_bf16_is_emulated(cli, migrated_store, monkeypatch, native):
+    monkeypatch.setattr("mnist_track.train.has_native_bf16", lambda device: native)
+    result = cli("train", *TINY_TRAIN, "--precision", "bf16", "--no-register")
+    assert result.exit_code == 0, result.output
+    warned = "Warning: precision bf16 on cpu, which has no native bfloat16" in result.output
+    assert warned is not native
+
+
+@pytest.mark.parametrize(("native", "trained_in"), [(True, "bf16"), (False, "fp32")])
+def test_train_with_precision_auto_records_what_it_trained_in(
+    cli, migrated_store, monkeypatch, native, trained_in
+):
+    monkeypatch.setattr("mnist_track.train.has_native_bf16", lambda device: native)
+    result = cli("train", *TINY_TRAIN, "--precision", "auto", "--no-register")
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.output
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("mnist-track").experiment_id])
+    assert run.data.params["precision"] == "auto"  # the setting, as given
+    assert run.data.tags["precision"] == trained_in  # what it meant on this machine
 
 
 def test_a_study_then_its_listing_a_resume_and_a_promotion(cli, migrated_store, tmp_path):

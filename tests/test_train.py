@@ -144,6 +144,46 @@ def test_precision_sets_what_training_computes_in(
     assert {parameter.dtype for parameter in result.model.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize(
+    ("native", "computed_in"), [(True, torch.bfloat16), (False, torch.float32)]
+)
+def test_precision_auto_trains_in_bf16_only_where_the_device_has_it(
+    tiny_splits, monkeypatch, native, computed_in
+):
+    seen = set()
+
+    def record(layer, inputs, output):
+        if layer.training:
+            seen.add(output.dtype)
+
+    def hooked(config, device):
+        network = prepare_model(config, device)
+        for layer in network.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.register_forward_hook(record)
+        return network
+
+    monkeypatch.setattr(train_module, "has_native_bf16", lambda device: native)
+    monkeypatch.setattr(train_module, "prepare_model", hooked)
+    fit(TrainConfig(hidden_sizes=(16,), epochs=1, batch_size=64, precision="auto"), tiny_splits)
+    assert seen == {computed_in}
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "native"),
+    [(True, False, True), (False, True, True), (False, False, False)],
+)
+def test_a_cpu_has_native_bf16_with_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert train_module.has_native_bf16(torch.device("cpu")) is native
+    assert train_module.resolve_precision("auto", torch.device("cpu")) == (
+        "bf16" if native else "fp32"
+    )
+    assert train_module.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # as asked
+    assert train_module.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
 def test_bf16_precision_learns_as_well_as_fp32(small_splits):
     accuracies = {
         precision: fit(
