@@ -107,9 +107,9 @@ def _outcome_note(config, outcome: dict) -> str:
 
 
 def run(context: Context) -> list[Figure]:
-    figures = []
     from mnist_track.train import resolve_precision
 
+    figures = []
     for label, recipe, target, limit in candidates():
         name = f"{label} to {target:.1%} test accuracy"
         # "auto": what the recipe trains in on this machine (bf16 only where native)

@@ -121,10 +121,11 @@ def creating_store(url: str, timeout: float = LOCK_TIMEOUT_SECONDS) -> Iterator[
 
 def _write_ahead_log(database: str | None) -> None:
     """Put an SQLite database (new or not) in write-ahead-log mode, which the file keeps
-    for every later connection. A study commits ~70 times per trial; in the default
-    rollback-journal mode each commit syncs the disk 2-3 times (~1.3 ms here), in WAL
-    mode once (~0.5 ms), as durably, and readers (`mlflow ui`, other workers) no longer
-    block the writer. WAL needs the database on a local disk, as file locks already do.
+    for every later connection. A commit then syncs the disk once, not 2-3 times, as
+    durably (a quick.yaml study: 1,819 syncs and 0.53 s of waiting for them in the
+    default rollback-journal mode, 475 and 0.19 s in WAL mode), and readers (`mlflow
+    ui`, other workers) no longer block the writer. WAL needs a local disk, as the file
+    locks already do.
     A database that cannot switch (read-only, busy, not a database) is left as it is:
     MLflow or Optuna report what is wrong with it."""
     import sqlite3
