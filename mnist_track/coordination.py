@@ -119,6 +119,12 @@ def creating_store(url: str, timeout: float = LOCK_TIMEOUT_SECONDS) -> Iterator[
         yield
 
 
+def is_database_file(database: str | None) -> bool:
+    """Whether an SQLite URL's database names a file, not an in-memory or temporary one
+    (both private to one connection)."""
+    return bool(database) and database != ":memory:"
+
+
 def _write_ahead_log(database: str | None) -> None:
     """Put an SQLite database (new or not) in write-ahead-log mode, which the file keeps
     for every later connection. A commit then syncs the disk once, not 2-3 times, as
@@ -130,7 +136,7 @@ def _write_ahead_log(database: str | None) -> None:
     MLflow or Optuna report what is wrong with it."""
     import sqlite3
 
-    if not database or database == ":memory:":
+    if not is_database_file(database):
         return
     try:
         with contextlib.closing(sqlite3.connect(database, timeout=WAL_SWITCH_TIMEOUT)) as db:
@@ -141,7 +147,7 @@ def _write_ahead_log(database: str | None) -> None:
 
 @contextlib.contextmanager
 def _file_lock(database: str | None, timeout: float) -> Iterator[None]:
-    if not database or database == ":memory:":
+    if not is_database_file(database):
         yield  # one process only: nothing to share
         return
     from filelock import FileLock

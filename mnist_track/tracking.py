@@ -47,7 +47,7 @@ from mlflow.utils.validation import (
 )
 
 from mnist_track import descriptions, missing_modules, timings
-from mnist_track.coordination import creating_store
+from mnist_track.coordination import creating_store, is_database_file
 from mnist_track.defaults import CHAMPION_ALIAS, SYSTEM_METRICS_INTERVAL_SECONDS
 from mnist_track.errors import MnistTrackError
 from mnist_track.redact import redact_text, redact_url
@@ -138,7 +138,7 @@ def missing_local_store(uri: str) -> str | None:
         from sqlalchemy.engine import make_url
 
         database = make_url(uri).database
-        if not database or database == ":memory:":
+        if not is_database_file(database):
             return None
         path = Path(database)
     elif uri.startswith("file:"):

@@ -44,7 +44,7 @@ from mnist_track.config import (
     StudyConfig,
     TrainConfig,
 )
-from mnist_track.coordination import WorkerLease, creating_store, study_lock
+from mnist_track.coordination import WorkerLease, creating_store, is_database_file, study_lock
 from mnist_track.data import MnistSplits, validation_digest
 from mnist_track.errors import MnistTrackError
 from mnist_track.faults import fault_point
@@ -857,7 +857,7 @@ def _sqlite_file(storage_url: str) -> str | None:
         url = make_url(storage_url)
     except ArgumentError:
         return None  # not a URL at all: Optuna says so
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+    if url.get_backend_name() != "sqlite" or not is_database_file(url.database):
         return None
     return url.database
 
