@@ -18,6 +18,7 @@ from mnist_track.train import (
     build_scheduler,
     evaluate_loss_accuracy,
     fit,
+    predict_logits,
     prepare_model,
     resolve_device,
 )
@@ -66,6 +67,19 @@ def test_fit_learns_and_reports_every_epoch(small_splits):
     loss, accuracy = evaluate_loss_accuracy(result.model, small_splits.validation)
     assert accuracy == pytest.approx(seen[-1].validation_accuracy)
     assert loss == pytest.approx(seen[-1].validation_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn"])
+def test_predict_logits_in_chunks_equals_one_forward_pass(family, small_splits):
+    # More images than one chunk, and a last chunk that is not full.
+    images = small_splits.train.images[: train_module.EVAL_BATCH_SIZE + 7]
+    model = prepare_model(TrainConfig(model=family, seed=0), CPU)
+    model.train()  # predict_logits must switch dropout off itself
+    logits = predict_logits(model, images)
+    with torch.inference_mode():
+        whole = model.eval()(images)
+    assert logits.shape == (len(images), 10)
+    torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-5)
 
 
 def test_fit_without_listener(tiny_splits):
