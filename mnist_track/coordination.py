@@ -103,20 +103,27 @@ def creating_store(url: str, timeout: float = LOCK_TIMEOUT_SECONDS) -> Iterator[
     mlflow.db or optuna.db would otherwise race to create the same tables. Nothing for
     other databases, whose servers serialise their own schema changes or whose callers
     retry."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        parsed = None  # not a database URL (e.g. a tracking server): nothing to lock
-    if parsed is None or parsed.get_backend_name() != "sqlite":
+    parsed = sqlite_url(url)
+    if parsed is None:  # another database, or a tracking server: nothing to lock
         yield
         return
     with _file_lock(parsed.database, timeout):
         if not parsed.query:  # a plain file name, not an SQLite URI with its own options
             _write_ahead_log(parsed.database)
         yield
+
+
+def sqlite_url(url: str):
+    """`url` parsed (a SQLAlchemy URL) when it names an SQLite database; None for other
+    databases and for what is no database URL at all (a tracking server, a typo)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    return parsed if parsed.get_backend_name() == "sqlite" else None
 
 
 def is_database_file(database: str | None) -> bool:

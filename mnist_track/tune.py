@@ -44,7 +44,13 @@ from mnist_track.config import (
     StudyConfig,
     TrainConfig,
 )
-from mnist_track.coordination import WorkerLease, creating_store, is_database_file, study_lock
+from mnist_track.coordination import (
+    WorkerLease,
+    creating_store,
+    is_database_file,
+    sqlite_url,
+    study_lock,
+)
 from mnist_track.data import MnistSplits, validation_digest
 from mnist_track.errors import MnistTrackError
 from mnist_track.faults import fault_point
@@ -850,14 +856,8 @@ def log_study_summary(parent: tracking.RunLog, result: StudyResult, config: Stud
 
 def _sqlite_file(storage_url: str) -> str | None:
     """The database file of an SQLite storage URL; None for other databases."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        url = make_url(storage_url)
-    except ArgumentError:
-        return None  # not a URL at all: Optuna says so
-    if url.get_backend_name() != "sqlite" or not is_database_file(url.database):
+    url = sqlite_url(storage_url)  # None when not a URL at all: Optuna says so
+    if url is None or not is_database_file(url.database):
         return None
     return url.database
 
