@@ -162,7 +162,8 @@ def test_a_study_then_its_listing_a_resume_and_a_promotion(cli, migrated_store, 
     for trial in trials:
         assert trial.outcome == "finished"
         assert {"run start", "fit", "model logging", "registration", "run end"} <= set(trial.phases)
-        assert trial.phases["fit"] > trial.phases["run end"] > 0
+        assert all(seconds > 0 for seconds in trial.phases.values())
+        assert sum(trial.phases.values()) <= trial.seconds  # exclusive, within the run
     assert sum(trial.seconds for trial in trials) < study.phases["trials"]
     assert "study cli-study: 2 complete, 0 pruned, 0 failed (2 run now" in result.output
     assert "serve the champion:   models:/cli-model@champion" in result.output

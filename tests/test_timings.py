@@ -23,13 +23,15 @@ def test_nested_phases_are_charged_to_the_innermost_only():
         with timings.phase("fit"):
             time.sleep(0.02)
             with timings.phase("optuna report"):
-                time.sleep(0.05)
+                time.sleep(0.3)
             time.sleep(0.02)
         time.sleep(0.01)  # in no phase
     (entry,) = records
     assert entry.kind == "run" and entry.outcome == "finished"
-    assert 0.05 <= entry.phases["optuna report"] < 0.09
-    assert 0.04 <= entry.phases["fit"] < 0.08  # without the nested 0.05 s
+    assert entry.phases["optuna report"] >= 0.3
+    # Charged to both, fit would hold at least 0.34 s: the margin absorbs a loaded
+    # machine's late wake-ups, which a tight upper bound on a sleep would not.
+    assert 0.04 <= entry.phases["fit"] < 0.3
     assert sum(entry.phases.values()) <= entry.seconds
     assert entry.unphased >= 0.01
 
