@@ -175,27 +175,17 @@ def figures(context, study_config, pairs, all_records, counts, cpu) -> list[Figu
     how = f"median of {len(pairs)} interleaved pairs (tracked, then the same trials untracked)"
     quick = context.quick
     result = [
-        Figure(
-            NAME,
+        _per_minute_figure(
             f"trials per minute ({CONFIG.name})",
-            statistics.median(tracked),
-            "trials/min",
-            reference="same trials, fit + test evaluation only",
-            reference_value=statistics.median(untracked),
-            reference_unit="trials/min",
-            ratio=statistics.median(ratios),
-            ratio_of="tracked / untracked",
-            target=("ratio", ">=", 0.75),
-            estimate=quick,
-            note=(
-                f"{how}; ratio spread {spread(ratios, 'x')}, tracked {spread(tracked)}, "
-                f"untracked {spread(untracked)} trials/min; {ran} trials "
-                f"({len(completed) // len(pairs)} complete, {len(pruned) // len(pairs)} "
-                f"pruned per study) of {study_config.train.epochs} epochs on "
-                f"{study_config.train.train_limit or 55000} images; a middle pair took "
-                f"{wall:.1f} s tracked (run_study in-process, store created and data loaded "
-                f"beforehand) vs {untracked_seconds:.1f} s untracked"
-            ),
+            pairs,
+            quick,
+            f"{how}; ratio spread {spread(ratios, 'x')}, tracked {spread(tracked)}, "
+            f"untracked {spread(untracked)} trials/min; {ran} trials "
+            f"({len(completed) // len(pairs)} complete, {len(pruned) // len(pairs)} "
+            f"pruned per study) of {study_config.train.epochs} epochs on "
+            f"{study_config.train.train_limit or 55000} images; a middle pair took "
+            f"{wall:.1f} s tracked (run_study in-process, store created and data loaded "
+            f"beforehand) vs {untracked_seconds:.1f} s untracked",
         ),
         _cpu_figure(cpu, quick),
         _cost_figure("completed", costs["completed"], 0.25, quick),
@@ -239,25 +229,33 @@ def full_size_figure(context, study_config, pairs, all_records, counts, cpu) -> 
         r.kind == "run" and r.outcome == "finished" for records in all_records for r in records
     )
     train = study_config.train
+    return _per_minute_figure(
+        f"trials per minute ({FULL_CONFIG.name}, its first {study_config.n_trials} trials)",
+        pairs,
+        context.quick,
+        f"median of {len(pairs)} interleaved pairs, ratio spread {spread(ratios, 'x')}; "
+        f"{completed // len(pairs)} of {ran} trials complete per study, up to "
+        f"{train.epochs} epochs on {train.train_limit or 55000} images (batch "
+        f"{train.batch_size}); a middle pair took {wall:.1f} s tracked vs "
+        f"{untracked_seconds:.1f} s untracked",
+    )
+
+
+def _per_minute_figure(title: str, pairs, quick: bool, note: str) -> Figure:
+    """Trials per minute tracked against untracked: medians of the interleaved pairs."""
     return Figure(
         NAME,
-        f"trials per minute ({FULL_CONFIG.name}, its first {study_config.n_trials} trials)",
-        statistics.median(p[0] for p in pairs),
+        title,
+        statistics.median(tracked for tracked, _ in pairs),
         "trials/min",
         reference="same trials, fit + test evaluation only",
-        reference_value=statistics.median(p[1] for p in pairs),
+        reference_value=statistics.median(untracked for _, untracked in pairs),
         reference_unit="trials/min",
-        ratio=statistics.median(ratios),
+        ratio=statistics.median(tracked / untracked for tracked, untracked in pairs),
         ratio_of="tracked / untracked",
         target=("ratio", ">=", 0.75),
-        estimate=context.quick,
-        note=(
-            f"median of {len(pairs)} interleaved pairs, ratio spread {spread(ratios, 'x')}; "
-            f"{completed // len(pairs)} of {ran} trials complete per study, up to "
-            f"{train.epochs} epochs on {train.train_limit or 55000} images (batch "
-            f"{train.batch_size}); a middle pair took {wall:.1f} s tracked vs "
-            f"{untracked_seconds:.1f} s untracked"
-        ),
+        estimate=quick,
+        note=note,
     )
 
 
