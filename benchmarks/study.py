@@ -122,8 +122,10 @@ def run(context: Context) -> list[Figure]:
     result = figures(context, study_config, *measured)
     overrides = {"n_trials": 2, "train.epochs": 1} if context.quick else {}
     full_config, full_splits = _load(FULL_CONFIG, {"n_trials": FULL_TRIALS} | overrides, context)
-    full = interleaved_pairs(full_config, full_splits, 1 if context.quick else FULL_REPEATS)
-    result.append(full_size_figure(context, full_config, *full))
+    pairs, records, counts, _ = interleaved_pairs(
+        full_config, full_splits, 1 if context.quick else FULL_REPEATS
+    )
+    result.append(full_size_figure(context, full_config, pairs, records, counts))
     return result
 
 
@@ -161,9 +163,6 @@ def interleaved_pairs(study_config, splits, repeats: int):
 
 
 def figures(context, study_config, pairs, all_records, counts, cpu) -> list[Figure]:
-    tracked = [p[0] for p in pairs]
-    untracked = [p[1] for p in pairs]
-    ratios = [p[0] / p[1] for p in pairs]
     costs: dict[str, list[float]] = {"completed": [], "pruned": []}
     for records in all_records:
         for kind, values in fixed_costs(records).items():
@@ -172,15 +171,13 @@ def figures(context, study_config, pairs, all_records, counts, cpu) -> list[Figu
     completed = [r for r in runs if r.outcome == "finished"]
     pruned = [r for r in runs if r.outcome == "TrialPruned"]
     ran, wall, untracked_seconds = counts[len(counts) // 2]
-    how = f"median of {len(pairs)} interleaved pairs (tracked, then the same trials untracked)"
     quick = context.quick
     result = [
         _per_minute_figure(
             f"trials per minute ({CONFIG.name})",
             pairs,
             quick,
-            f"{how}; ratio spread {spread(ratios, 'x')}, tracked {spread(tracked)}, "
-            f"untracked {spread(untracked)} trials/min; {ran} trials "
+            f"{ran} trials "
             f"({len(completed) // len(pairs)} complete, {len(pruned) // len(pairs)} "
             f"pruned per study) of {study_config.train.epochs} epochs on "
             f"{study_config.train.train_limit or 55000} images; a middle pair took "
@@ -220,10 +217,9 @@ def figures(context, study_config, pairs, all_records, counts, cpu) -> list[Figu
     return result
 
 
-def full_size_figure(context, study_config, pairs, all_records, counts, cpu) -> Figure:
+def full_size_figure(context, study_config, pairs, all_records, counts) -> Figure:
     """The same measure on a study whose trials train for seconds: the fixed costs that
     quick.yaml's 0.4 s trials cannot carry, spread over full-size trials."""
-    ratios = [tracked / untracked for tracked, untracked in pairs]
     ran, wall, untracked_seconds = counts[len(counts) // 2]
     completed = sum(
         r.kind == "run" and r.outcome == "finished" for records in all_records for r in records
@@ -233,7 +229,6 @@ def full_size_figure(context, study_config, pairs, all_records, counts, cpu) -> 
         f"trials per minute ({FULL_CONFIG.name}, its first {study_config.n_trials} trials)",
         pairs,
         context.quick,
-        f"median of {len(pairs)} interleaved pairs, ratio spread {spread(ratios, 'x')}; "
         f"{completed // len(pairs)} of {ran} trials complete per study, up to "
         f"{train.epochs} epochs on {train.train_limit or 55000} images (batch "
         f"{train.batch_size}); a middle pair took {wall:.1f} s tracked vs "
@@ -241,21 +236,29 @@ def full_size_figure(context, study_config, pairs, all_records, counts, cpu) -> 
     )
 
 
-def _per_minute_figure(title: str, pairs, quick: bool, note: str) -> Figure:
-    """Trials per minute tracked against untracked: medians of the interleaved pairs."""
+def _per_minute_figure(title: str, pairs, quick: bool, detail: str) -> Figure:
+    """Trials per minute tracked against untracked: medians of the interleaved pairs,
+    their spreads, then `detail` (what was run)."""
+    tracked = [tracked for tracked, _ in pairs]
+    untracked = [untracked for _, untracked in pairs]
+    ratios = [t / u for t, u in pairs]
     return Figure(
         NAME,
         title,
-        statistics.median(tracked for tracked, _ in pairs),
+        statistics.median(tracked),
         "trials/min",
         reference="same trials, fit + test evaluation only",
-        reference_value=statistics.median(untracked for _, untracked in pairs),
+        reference_value=statistics.median(untracked),
         reference_unit="trials/min",
-        ratio=statistics.median(tracked / untracked for tracked, untracked in pairs),
+        ratio=statistics.median(ratios),
         ratio_of="tracked / untracked",
         target=("ratio", ">=", 0.75),
         estimate=quick,
-        note=note,
+        note=(
+            f"median of {len(pairs)} interleaved pairs (tracked, then the same trials "
+            f"untracked); ratio spread {spread(ratios, 'x')}, tracked {spread(tracked)}, "
+            f"untracked {spread(untracked)} trials/min; {detail}"
+        ),
     )
 
 
