@@ -20,6 +20,7 @@ import importlib
 import io
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -348,9 +349,8 @@ class FigureJob:
 _uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="figure-upload")
 
 # The worker processes, one per lane: share i of a drawing goes to lane i % lane count,
-# so a lane imports only what its shares draw (the study summary's importances need
-# scikit-learn, ~1.3 CPU-s to import, in one lane only). As many lanes as shares, or
-# fewer where this process was given fewer CPU threads (`start_figure_worker`).
+# so a lane imports only what its shares draw. As many lanes as shares, or fewer where
+# this process was given fewer CPU threads (`start_figure_worker`).
 _lanes: dict[int, ProcessPoolExecutor] = {}
 _lane_count = len(SHARES)
 _lanes_lock = threading.Lock()
@@ -363,7 +363,7 @@ def _lane(lane: int) -> ProcessPoolExecutor:
             _lanes[lane] = ProcessPoolExecutor(
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_follow_parent,
+                initializer=_start_worker,
                 initargs=(os.getpid(),),
             )
         return _lanes[lane]
@@ -431,6 +431,19 @@ def in_workers(
             future.set_result(draw(data, names))
         futures.append((future, names, lane))
     return FigureJob(futures, draw, data)
+
+
+# What a figure worker would import but never uses: Optuna's importance package imports
+# scikit-learn (1.3-2 CPU-s) for its fANOVA evaluator, and the study's importances are
+# PED-ANOVA's (study_plots). Refused, the import fails as Optuna's optional imports do
+# where scikit-learn is not installed, and fANOVA alone is unavailable.
+REFUSED_IN_WORKERS = ("sklearn",)
+
+
+def _start_worker(parent_pid: int) -> None:
+    for name in REFUSED_IN_WORKERS:
+        sys.modules.setdefault(name, None)  # type: ignore[assignment]
+    _follow_parent(parent_pid)
 
 
 def _follow_parent(parent_pid: int) -> None:

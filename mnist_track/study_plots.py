@@ -23,8 +23,7 @@ SHARES = (
 MIN_WIDTH, MIN_HEIGHT = 8, 5  # inches: Optuna's defaults crowd the labels
 # What each share's plots import on first use, worth importing in the figure workers
 # while a study starts (`plots.start_figure_worker(PRELOAD)`), not while its summary
-# waits. The importances' fANOVA needs scikit-learn, ~1.3 CPU-s to import: only the
-# lane that draws them (the second share's) imports it.
+# waits. Only the lane that draws the importances (the second share's) imports them.
 _PLOTTING = ("mnist_track.study_plots", "optuna.visualization.matplotlib")
 PRELOAD = (_PLOTTING, (*_PLOTTING, "optuna.importance"))
 
@@ -65,8 +64,18 @@ def _plotters(trials: Sequence[FrozenTrial]) -> dict[str, Callable]:
         "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
     }
     if len(complete) >= 2 and _varied_params(complete):
-        plotters["param_importances"] = optuna_plots.plot_param_importances
+        plotters["param_importances"] = _plot_importances
     return plotters
+
+
+def _plot_importances(study: optuna.Study):
+    """Optuna's importances plot by PED-ANOVA, Optuna 5's default evaluator, named so that
+    every supported Optuna draws the same plot (4.x defaults to fANOVA) and none needs
+    scikit-learn, which the figure workers refuse (`plots.REFUSED_IN_WORKERS`)."""
+    from optuna.importance import PedAnovaImportanceEvaluator
+    from optuna.visualization.matplotlib import plot_param_importances
+
+    return plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
 
 
 def _varied_params(trials: list[FrozenTrial]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import optuna
 import pytest
@@ -78,3 +79,40 @@ def test_a_dead_worker_pool_is_drawn_here(monkeypatch):
 
     monkeypatch.setattr(plots, "_lane", broken_lane)
     assert set(study_plots.render_async(_study(3)).pngs()) == ALL
+
+
+def _drawn_noting_scikit_learn(data, names):
+    """A figure worker's drawing of `names`, and whether scikit-learn was imported."""
+    imported = b"no" if sys.modules.get("sklearn") is None else b"yes"
+    pngs = study_plots.render(data, names)
+    after = b"no" if sys.modules.get("sklearn") is None else b"yes"
+    return pngs | {f"scikit-learn, {names[0]}": imported + b"/" + after}
+
+
+def test_the_workers_draw_the_importances_without_importing_scikit_learn():
+    # Optuna's importance package imports it (1.3-2 CPU-s) for fANOVA, which the
+    # importances plot does not use: a figure worker refuses it.
+    data = study_plots.plot_data(_study(4))
+    pngs = plots.in_workers(_drawn_noting_scikit_learn, data, study_plots.SHARES).pngs()
+    assert set(pngs) - ALL == {f"scikit-learn, {share[0]}" for share in study_plots.SHARES}
+    assert "param_importances.png" in pngs
+    for share in study_plots.SHARES:
+        assert pngs[f"scikit-learn, {share[0]}"] == b"no/no", share
+
+
+def test_the_importances_are_ped_anovas_on_every_supported_optuna(monkeypatch):
+    # Optuna 5 draws PED-ANOVA's by default, 4.x fANOVA's: named, the plot is the same.
+    from optuna.importance import PedAnovaImportanceEvaluator
+    from optuna.visualization import matplotlib as optuna_plots
+
+    evaluators = []
+    draw = optuna_plots.plot_param_importances
+
+    def recorded(study, evaluator=None, **options):
+        evaluators.append(evaluator)
+        return draw(study, evaluator=evaluator, **options)
+
+    monkeypatch.setattr(optuna_plots, "plot_param_importances", recorded)
+    pngs = study_plots.render(study_plots.plot_data(_study(4)), ["param_importances"])
+    assert set(pngs) == {"param_importances.png"}
+    assert [type(evaluator) for evaluator in evaluators] == [PedAnovaImportanceEvaluator]
