@@ -102,20 +102,24 @@ def render(data: StudyPlotData, names: Collection[str] | None = None) -> dict[st
     for name, plot in _plotters(data.trials).items():
         if names is not None and name not in names:
             continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = plot(study)
-        except Exception as error:  # noqa: BLE001 - a plot that cannot be drawn is skipped
-            logging.getLogger(__name__).warning("study plot %s skipped: %s", name, error)
-            continue
-        first = axes.flat[0] if hasattr(axes, "flat") else axes
-        figure = first.figure
-        figure.set_size_inches(
-            max(figure.get_figwidth(), MIN_WIDTH), max(figure.get_figheight(), MIN_HEIGHT)
-        )
-        pngs[f"{name}.png"] = plots.render_png(figure)
-        plt.close(figure)
+        # Optuna's plots switch the whole process to its ggplot style, except the parallel
+        # coordinates, which take whatever style the plot before left: all in ggplot, and
+        # only they, so the run figures drawn later in this process look as they always do.
+        with plt.style.context("ggplot"):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    axes = plot(study)
+            except Exception as error:  # noqa: BLE001 - a plot that cannot be drawn is skipped
+                logging.getLogger(__name__).warning("study plot %s skipped: %s", name, error)
+                continue
+            first = axes.flat[0] if hasattr(axes, "flat") else axes
+            figure = first.figure
+            figure.set_size_inches(
+                max(figure.get_figwidth(), MIN_WIDTH), max(figure.get_figheight(), MIN_HEIGHT)
+            )
+            pngs[f"{name}.png"] = plots.render_png(figure)
+            plt.close(figure)
     return pngs
 
 

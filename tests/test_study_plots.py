@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -116,3 +117,36 @@ def test_the_importances_are_ped_anovas_on_every_supported_optuna(monkeypatch):
     pngs = study_plots.render(study_plots.plot_data(_study(4)), ["param_importances"])
     assert set(pngs) == {"param_importances.png"}
     assert [type(evaluator) for evaluator in evaluators] == [PedAnovaImportanceEvaluator]
+
+
+def test_drawing_the_study_plots_leaves_the_run_figures_as_they_were():
+    # Optuna's plots set the ggplot style for the whole process; a worker draws a study's
+    # summary and then, in the next study of the same process, runs' figures.
+    import matplotlib
+
+    curves = [SimpleNamespace(epoch=1, train_loss=0.5, train_accuracy=0.8,
+                              validation_loss=0.4, validation_accuracy=0.85)]  # fmt: skip
+    with matplotlib.rc_context():
+        matplotlib.rcdefaults()  # as this process started, whatever ran here before
+        before = plots.render_png(plots.training_curves(curves))
+        settings = dict(matplotlib.rcParams)
+        study_plots.render(study_plots.plot_data(_study(4)))
+        assert dict(matplotlib.rcParams) == settings
+        assert plots.render_png(plots.training_curves(curves)) == before
+
+
+def test_each_study_plot_looks_the_same_drawn_alone_or_after_the_others():
+    # Optuna's parallel coordinates set no style of their own: alone, in a fresh worker's
+    # lane, they must still be drawn in the style of the others.
+    import matplotlib
+
+    data = study_plots.plot_data(_study(4))
+    alone, together = {}, {}
+    with matplotlib.rc_context():
+        for name in study_plots.plot_names(data.trials):
+            matplotlib.rcdefaults()  # as a fresh process
+            alone |= study_plots.render(data, [name])
+        matplotlib.rcdefaults()
+        together = study_plots.render(data)
+    assert set(alone) == set(together) == ALL
+    assert alone == together
