@@ -141,7 +141,7 @@ def test_each_study_plot_looks_the_same_drawn_alone_or_after_the_others():
     import matplotlib
 
     data = study_plots.plot_data(_study(4))
-    alone, together = {}, {}
+    alone = {}
     with matplotlib.rc_context():
         for name in study_plots.plot_names(data.trials):
             matplotlib.rcdefaults()  # as a fresh process
