@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from mnist_track import tracking
+from mnist_track import model_folder, tracking
 from mnist_track.errors import MnistTrackError
 from mnist_track.models import IMAGE_SIDE, build_model
 from mnist_track.serving import ARCHITECTURE_ARTIFACT, WEIGHTS_ARTIFACT, DigitClassifier
@@ -32,8 +32,8 @@ MLMODEL_FILE = "MLmodel"
 ARTIFACTS_FOLDER = "artifacts"  # where pyfunc keeps a model's artifacts
 CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's models-from-code loader
 ARTIFACT_PATHS = {
-    WEIGHTS_ARTIFACT: f"{ARTIFACTS_FOLDER}/{tracking.WEIGHTS_FILE}",
-    ARCHITECTURE_ARTIFACT: f"{ARTIFACTS_FOLDER}/{tracking.ARCHITECTURE_FILE}",
+    WEIGHTS_ARTIFACT: f"{ARTIFACTS_FOLDER}/{model_folder.WEIGHTS_FILE}",
+    ARCHITECTURE_ARTIFACT: f"{ARTIFACTS_FOLDER}/{model_folder.ARCHITECTURE_FILE}",
 }
 MAX_TEXT_BYTES = 1 << 20  # MLmodel and architecture.json; ours are about 1 KB
 MAX_LAYERS = 64  # far beyond any network here; keeps a hostile list from costing minutes
@@ -80,7 +80,7 @@ def _fetch(artifacts: tracking.ModelArtifacts, path: str, folder: Path, model_ur
     if name not in listed:
         raise _refusal(model_uri, f"it has no {path}")
     size = listed[name]
-    if name != tracking.WEIGHTS_FILE and size is not None and size > MAX_TEXT_BYTES:
+    if name != model_folder.WEIGHTS_FILE and size is not None and size > MAX_TEXT_BYTES:
         raise _refusal(model_uri, f"its {path} is {size} bytes")
     return artifacts.download(path, folder)
 
@@ -109,9 +109,9 @@ def check_mlmodel(text: str, model_uri: str) -> None:
     code = pyfunc.get("model_code_path")
     if loader != CODE_MODEL_LOADER or not isinstance(code, str):
         raise _refusal(model_uri, f"its python_function loader is {_short(loader)}, not ours")
-    if posixpath.basename(code.replace("\\", "/")) != tracking.MODEL_CODE.name:
+    if posixpath.basename(code.replace("\\", "/")) != model_folder.MODEL_CODE.name:
         raise _refusal(
-            model_uri, f"its python model is {_short(code)}, not {tracking.MODEL_CODE.name}"
+            model_uri, f"its python model is {_short(code)}, not {model_folder.MODEL_CODE.name}"
         )
     declared = pyfunc.get("artifacts")
     paths = (

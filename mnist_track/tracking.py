@@ -13,14 +13,11 @@ import contextlib
 import functools
 import importlib.util
 import json
-import logging
 import os
 import posixpath
 import random
 import re
-import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,7 +26,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,10 +42,11 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
-from mnist_track import descriptions, missing_modules, timings
+from mnist_track import descriptions, missing_modules, model_folder, timings
 from mnist_track.coordination import creating_store, is_database_file
 from mnist_track.defaults import CHAMPION_ALIAS, SYSTEM_METRICS_INTERVAL_SECONDS
 from mnist_track.errors import MnistTrackError
+from mnist_track.model_folder import PACKAGE_DIR
 from mnist_track.redact import redact_text, redact_url
 
 if TYPE_CHECKING:
@@ -65,21 +62,6 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 LAUNCHER_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the entry point's process
 MODEL_NAME_IN_RUN = "model"
-PACKAGE_DIR = Path(__file__).resolve().parent
-MODEL_CODE = PACKAGE_DIR / "model_code.py"
-# The model's data files, under its artifacts/ folder (`model_files` reads them back).
-WEIGHTS_FILE = "model.safetensors"
-ARCHITECTURE_FILE = "architecture.json"
-# What the served model imports: only these go into its code/ folder (each file is one
-# upload to a tracking server, and the rest of the package is not the model's business).
-# Not model_code.py: MLflow runs its own copy at the model's top, and nothing imports it.
-SERVED_MODULES = (
-    "__init__.py",
-    "errors.py",
-    "pixels.py",
-    "models.py",
-    "serving.py",
-)
 ERROR_TAG = "error"
 VALIDATION_ACCURACY_TAG = "validation_accuracy"
 # Versions are comparable only when scored on the same validation images: a version
@@ -745,14 +727,6 @@ def end_stale_run(
 # --- the model -------------------------------------------------------------------------
 
 
-@functools.cache
-def pip_requirements() -> tuple[str, ...]:
-    """Explicit requirements (inferring them costs seconds per model): the packages the
-    served model imports, pinned to the versions that trained it."""
-    names = ["mlflow", "torch", "numpy", "pandas", "safetensors", "pillow"]
-    return tuple(f"{name}=={installed_version(name).split('+')[0]}" for name in names)
-
-
 def log_model(
     log: RunLog,
     state_dict: Mapping[str, Any],
@@ -795,9 +769,9 @@ def log_model(
         linked = _parallel.submit(
             client.log_outputs, run_id, [LoggedModelOutput(model.model_id, step=0)]
         )
-        with tempfile.TemporaryDirectory() as folder, _imports_undone(folder):
+        with tempfile.TemporaryDirectory() as folder, model_folder.imports_undone(folder):
             path = Path(folder) / "model"
-            _save_model(
+            check = model_folder.save(
                 path,
                 Model(
                     artifact_path=model.artifact_location,
@@ -812,7 +786,7 @@ def log_model(
             )
             uploads = start_uploads(_artifact_repository(model.artifact_location), path)
             try:
-                _check_serving_example(path)  # while the files upload
+                check()  # while the files upload
             finally:
                 wait_for_uploads(uploads)
         linked.result()
@@ -822,84 +796,6 @@ def log_model(
         raise
     log.wait_for(_parallel.submit(client.finalize_logged_model, model.model_id, "READY"))
     return f"models:/{model.model_id}"
-
-
-# The module name MLflow gives a models-from-code file each time it runs it.
-CODE_MODEL_MODULE_PREFIX = "code_model_"
-
-
-@contextmanager
-def _imports_undone(folder: str | Path) -> Iterator[None]:
-    """Take back what saving and loading a models-from-code model under `folder` leave in
-    this process: MLflow puts the model's code/ folder first on sys.path and keeps the run
-    model_code.py in sys.modules (as code_model_<uuid>, once on save, once on load). A
-    worker logs a model per trial into a folder deleted after upload: left in place,
-    sys.path would grow by one dead folder and sys.modules by two modules every trial."""
-    root = str(folder).rstrip(os.sep)
-    modules = set(sys.modules)
-    try:
-        yield
-    finally:
-        sys.path[:] = [
-            entry
-            for entry in sys.path
-            if not (isinstance(entry, str) and (entry + os.sep).startswith(root + os.sep))
-        ]
-        for name in set(sys.modules) - modules:
-            if name.startswith(CODE_MODEL_MODULE_PREFIX):
-                sys.modules.pop(name, None)
-
-
-def _save_model(path, mlflow_model, state_dict, architecture, example_pixels, scratch) -> None:
-    """The model's folder at `path`, as `mlflow.pyfunc.log_model` would upload it (the
-    caller checks it as log_model does, `_check_serving_example`)."""
-    from safetensors.torch import save_file
-
-    from mnist_track.serving import ARCHITECTURE_ARTIFACT, WEIGHTS_ARTIFACT, model_signature
-
-    code = scratch / "code" / PACKAGE_DIR.name
-    code.mkdir(parents=True)
-    for module in SERVED_MODULES:
-        shutil.copy2(PACKAGE_DIR / module, code / module)
-    weights_path = scratch / WEIGHTS_FILE
-    architecture_path = scratch / ARCHITECTURE_FILE
-    save_file(
-        {key: value.detach().cpu().contiguous() for key, value in state_dict.items()},
-        str(weights_path),
-    )
-    architecture_path.write_text(json.dumps(dict(architecture), indent=2))
-    mlflow.pyfunc.save_model(
-        str(path),
-        python_model=str(MODEL_CODE),
-        artifacts={
-            WEIGHTS_ARTIFACT: str(weights_path),
-            ARCHITECTURE_ARTIFACT: str(architecture_path),
-        },
-        code_paths=[str(code)],
-        signature=model_signature(),
-        input_example=example_pixels,
-        pip_requirements=list(pip_requirements()),
-        mlflow_model=mlflow_model,
-    )
-    for cache in list(path.rglob("__pycache__")):
-        shutil.rmtree(cache, ignore_errors=True)
-
-
-def _check_serving_example(path: Path) -> None:
-    """What MLflow's log_model checks before it uploads: the saved model loads and scores
-    its own input example (a warning if not, as MLflow's)."""
-    try:
-        # No check of the requirements against this environment: they were pinned from
-        # it (pip_requirements), and the check reads every package's metadata.
-        model = mlflow.pyfunc.load_model(str(path), suppress_warnings=True)
-        # The loaded model's MLmodel, not a second read of it (its YAML parse is ~4 ms).
-        example = model.metadata.load_input_example(str(path))
-        if example is not None:
-            model.predict(example)
-    except Exception as error:  # noqa: BLE001 - MLflow warns and logs the model anyway
-        logging.getLogger(__name__).warning(
-            "the logged model cannot score its own input example: %s", error
-        )
 
 
 # --- the registry ----------------------------------------------------------------------

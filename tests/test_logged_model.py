@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -16,16 +17,27 @@ from conftest import in_sqlite_store
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 
-from mnist_track import tracking
+from mnist_track import model_folder, tracking
 from mnist_track.config import TrainConfig
 from mnist_track.pixels import to_pixels
 from mnist_track.runs import train_and_track
 
 
-@pytest.fixture(scope="module")
-def logged(tmp_path_factory, small_splits):
-    """One tiny tracked run in a SQLite store of its own: (tracking URI, outcome)."""
+@pytest.fixture(scope="module", params=["saved by MLflow", "made from the template"])
+def logged(request, tmp_path_factory, small_splits):
+    """One tiny tracked run in a SQLite store of its own: (tracking URI, outcome). Its
+    model's folder is saved by MLflow (a process's first model), or made from the
+    template that a first model left (model_folder)."""
+    model_folder.forget_templates()
     with in_sqlite_store(tmp_path_factory.mktemp("logged")) as uri:
+        if request.param == "made from the template":
+            train_and_track(
+                TrainConfig(epochs=1, hidden_sizes=(16,)),
+                small_splits,
+                experiment="the-template",
+                registered_model=None,
+            )
+            assert model_folder._templates, "the first model left no template"
         outcome = train_and_track(
             TrainConfig(epochs=1, hidden_sizes=(32,)),
             small_splits,
@@ -50,7 +62,7 @@ def test_the_model_carries_only_the_served_modules(logged):
         item.path.rsplit("/", 1)[-1]
         for item in MlflowClient(uri).list_logged_model_artifacts(model_id, "code/mnist_track")
     }
-    assert files == set(tracking.SERVED_MODULES)  # no __pycache__, no CLI, no tuner
+    assert files == set(model_folder.SERVED_MODULES)  # no __pycache__, no CLI, no tuner
 
 
 @pytest.mark.e2e  # loads the model in a fresh interpreter
@@ -186,7 +198,7 @@ def _saved_model(tmp_path, small_splits):
 
     architecture = architecture_of(TrainConfig(epochs=1, hidden_sizes=(32,)))
     path = tmp_path / "model"
-    tracking._save_model(
+    model_folder.save(
         path,
         Model(),
         build_model(architecture).state_dict(),
@@ -195,25 +207,6 @@ def _saved_model(tmp_path, small_splits):
         tmp_path / "files",
     )
     return path
-
-
-def test_a_saved_model_that_scores_its_example_passes_the_check(tmp_path, small_splits, caplog):
-    path = _saved_model(tmp_path, small_splits)
-    with caplog.at_level("WARNING"):
-        tracking._check_serving_example(path)
-    assert "cannot score its own input example" not in caplog.text
-
-
-def test_a_saved_model_that_cannot_score_its_example_is_warned_about(
-    tmp_path, small_splits, caplog
-):
-    path = _saved_model(tmp_path, small_splits)
-    architecture = path / "artifacts" / tracking.ARCHITECTURE_FILE
-    broken = json.loads(architecture.read_text()) | {"hidden_sizes": [7]}  # not the weights'
-    architecture.write_text(json.dumps(broken))
-    with caplog.at_level("WARNING"):
-        tracking._check_serving_example(path)
-    assert "cannot score its own input example" in caplog.text
 
 
 def test_the_logged_model_holds_every_file_saved(logged, tmp_path, small_splits):
@@ -237,38 +230,56 @@ def test_the_logged_model_holds_every_file_saved(logged, tmp_path, small_splits)
 
 def test_the_logged_files_are_the_saved_files_byte_for_byte(tmp_path, small_splits, monkeypatch):
     """The files upload while the saved model is checked (which imports its code):
-    what lands in the store must be exactly the folder as saved."""
-    saved: dict[str, bytes] = {}
-    check = tracking._check_serving_example
+    what lands in the store must be exactly the folder as saved, for a first model
+    (saved by MLflow) and a second (made from the first's template)."""
+    saved: list[dict[str, bytes]] = []
+    save = model_folder.save
 
-    def snapshot_then_check(path):
-        saved.update(
-            {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
-        )
-        check(path)
+    def snapshot_then_check(path, *args):
+        check = save(path, *args)
 
-    monkeypatch.setattr(tracking, "_check_serving_example", snapshot_then_check)
+        def snapshot_and_check():
+            saved.append(
+                {
+                    p.relative_to(path).as_posix(): p.read_bytes()
+                    for p in path.rglob("*")
+                    if p.is_file()
+                }
+            )
+            check()
+
+        return snapshot_and_check
+
+    monkeypatch.setattr(model_folder, "save", snapshot_then_check)
+    model_folder.forget_templates()
     (tmp_path / "store").mkdir()
     with in_sqlite_store(tmp_path / "store") as uri:
-        outcome = train_and_track(
-            TrainConfig(epochs=1, hidden_sizes=(32,)),
-            small_splits,
-            experiment="byte-for-byte",
-            registered_model=None,
-        )
-        model_id = model_id_of(uri, outcome.run_id)
-        logged = mlflow.artifacts.download_artifacts(
-            f"models:/{model_id}", dst_path=str(tmp_path / "logged")
-        )
-    logged_files = {
-        p.relative_to(logged).as_posix(): p.read_bytes()
-        for p in (tmp_path / "logged").rglob("*")
-        if p.is_file()
-    }
-    assert "artifacts/model.safetensors" in saved and "MLmodel" in saved
-    # Downloading a model by its models:/ URI adds MLflow's registered_model_meta.
-    assert logged_files.keys() - {"registered_model_meta"} == saved.keys()
-    assert {name: logged_files[name] for name in saved} == saved
+        outcomes = [
+            train_and_track(
+                TrainConfig(epochs=1, hidden_sizes=(32,)),
+                small_splits,
+                experiment=f"byte-for-byte-{n}",
+                registered_model=None,
+            )
+            for n in range(2)
+        ]
+        folders = [
+            mlflow.artifacts.download_artifacts(
+                f"models:/{model_id_of(uri, outcome.run_id)}", dst_path=str(tmp_path / str(n))
+            )
+            for n, outcome in enumerate(outcomes)
+        ]
+    assert len(saved) == 2 and saved[0].keys() == saved[1].keys()
+    for folder, files in zip(folders, saved, strict=True):
+        logged = {
+            p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in Path(folder).rglob("*")
+            if p.is_file()
+        }
+        assert "artifacts/model.safetensors" in files and "MLmodel" in files
+        # Downloading a model by its models:/ URI adds MLflow's registered_model_meta.
+        assert logged.keys() - {"registered_model_meta"} == files.keys()
+        assert {name: logged[name] for name in files} == files
 
 
 def test_logging_models_leaves_no_imports_behind(tmp_path, small_splits):
