@@ -200,8 +200,9 @@ def _fill_template(
         shutil.copyfile(data_files[name], path / entry["path"])
         entry["uri"] = str(data_files[name])
         data_bytes += data_files[name].stat().st_size
-    size = template.mlmodel["model_size_bytes"] - template.data_bytes + data_bytes
-    mlmodel["model_size_bytes"] = size
+    if "model_size_bytes" in mlmodel:  # MLflow leaves it out where it could not add up
+        size = mlmodel["model_size_bytes"] - template.data_bytes + data_bytes
+        mlmodel["model_size_bytes"] = size
     Model.from_dict(mlmodel).save(str(path / MLMODEL_FILE))
 
 

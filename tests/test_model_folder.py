@@ -104,6 +104,17 @@ def test_a_folder_made_from_the_template_is_the_folder_mlflow_saves(
     assert files_of(templated) == files_of(by_mlflow)
 
 
+def test_a_template_without_a_size_makes_folders_as_mlflow_does(tmp_path, example, monkeypatch):
+    """MLflow writes no model_size_bytes where it cannot add the files up."""
+    monkeypatch.setattr(mlflow.pyfunc.model, "get_total_file_size", lambda path: None)
+    save(tmp_path, "template", TEMPLATE_CONFIG, example, n=0, scratch="template-files")
+    templated, _ = save(tmp_path, "templated", CONFIGS["cnn"], example, n=1)
+    model_folder.forget_templates()
+    by_mlflow, _ = save(tmp_path, "by-mlflow", CONFIGS["cnn"], example, n=1)
+    assert b"model_size_bytes" not in (by_mlflow / "MLmodel").read_bytes()
+    assert files_of(templated) == files_of(by_mlflow)
+
+
 def test_only_a_process_s_first_model_is_saved_by_mlflow(tmp_path, example, mlflow_saves):
     for n in range(3):
         save(tmp_path, f"model-{n}", TEMPLATE_CONFIG, example, n)
