@@ -28,7 +28,7 @@ from mnist_track.errors import MnistTrackError
 from mnist_track.models import IMAGE_SIDE, build_model
 from mnist_track.serving import ARCHITECTURE_ARTIFACT, WEIGHTS_ARTIFACT, DigitClassifier
 
-MLMODEL_FILE = "MLmodel"
+MLMODEL_FILE = model_folder.MLMODEL_FILE
 ARTIFACTS_FOLDER = "artifacts"  # where pyfunc keeps a model's artifacts
 CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's models-from-code loader
 ARTIFACT_PATHS = {

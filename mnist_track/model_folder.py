@@ -35,10 +35,10 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow.models import Model
+from mlflow.models.model import MLMODEL_FILE_NAME as MLMODEL_FILE
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_CODE = PACKAGE_DIR / "model_code.py"
-MLMODEL_FILE = "MLmodel"
 # The model's data files, under its artifacts/ folder (`model_files` reads them back).
 WEIGHTS_FILE = "model.safetensors"
 ARCHITECTURE_FILE = "architecture.json"
