@@ -17,7 +17,6 @@ import posixpath
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -63,13 +62,9 @@ def load_classifier(model_uri: str) -> DigitClassifier:
         }
         architecture = read_architecture(paths[ARCHITECTURE_ARTIFACT], model_uri)
         check_weights(paths[WEIGHTS_ARTIFACT], architecture, model_uri)
-        classifier = DigitClassifier()
         # The installed serving code, given only the two data files: the model's own
         # model_code.py and code/ folder are never fetched, let alone run.
-        classifier.load_context(
-            SimpleNamespace(artifacts={name: str(path) for name, path in paths.items()})
-        )
-    return classifier
+        return DigitClassifier.from_data_files(paths)
 
 
 def _fetch(artifacts: tracking.ModelArtifacts, path: str, folder: Path, model_uri: str) -> Path:

@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import mlflow
@@ -176,8 +175,11 @@ def _template_of(path: Path, data_files: Mapping[str, Path]) -> _Template:
         for file in sorted(path.rglob("*"))
         if file.is_file() and file.relative_to(path).as_posix() not in own
     }
-    data_bytes = sum(file.stat().st_size for file in data_files.values())
-    return _Template(files, mlmodel, data_bytes)
+    return _Template(files, mlmodel, _size_of(data_files))
+
+
+def _size_of(data_files: Mapping[str, Path]) -> int:
+    return sum(file.stat().st_size for file in data_files.values())
 
 
 def _fill_template(
@@ -194,14 +196,12 @@ def _fill_template(
         mlmodel.pop(field, None)
         if field in own:
             mlmodel[field] = own[field]
-    data_bytes = 0
     for name, entry in _artifacts_of(mlmodel).items():
         (path / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data_files[name], path / entry["path"])
         entry["uri"] = str(data_files[name])
-        data_bytes += data_files[name].stat().st_size
     if "model_size_bytes" in mlmodel:  # MLflow leaves it out where it could not add up
-        size = mlmodel["model_size_bytes"] - template.data_bytes + data_bytes
+        size = mlmodel["model_size_bytes"] - template.data_bytes + _size_of(data_files)
         mlmodel["model_size_bytes"] = size
     Model.from_dict(mlmodel).save(str(path / MLMODEL_FILE))
 
@@ -229,12 +229,9 @@ def _check_data_files(path: Path, template: _Template, example_pixels: np.ndarra
     from mnist_track.serving import DigitClassifier
 
     try:
-        classifier = DigitClassifier()
         artifacts = _artifacts_of(template.mlmodel)
-        classifier.load_context(
-            SimpleNamespace(
-                artifacts={name: str(path / entry["path"]) for name, entry in artifacts.items()}
-            )
+        classifier = DigitClassifier.from_data_files(
+            {name: path / entry["path"] for name, entry in artifacts.items()}
         )
         classifier.predict(None, example_pixels)
     except Exception as error:  # noqa: BLE001 - as _check_with_mlflow

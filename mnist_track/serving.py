@@ -33,6 +33,8 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Mapping
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -430,6 +432,15 @@ class DigitClassifier(PythonModel):
     # The input formats are checked by decode_images, not by type hints: this tells MLflow
     # not to wrap predict() for hint-based validation (nor to advise adding hints).
     _skip_type_hint_validation = True
+
+    @classmethod
+    def from_data_files(cls, artifacts: Mapping[str, str | os.PathLike]) -> DigitClassifier:
+        """The classifier built from its two data files alone (by artifact name, as
+        MLflow's context names them), without MLflow loading the model around them."""
+        classifier = cls()
+        paths = {name: str(path) for name, path in artifacts.items()}
+        classifier.load_context(SimpleNamespace(artifacts=paths))
+        return classifier
 
     def load_context(self, context) -> None:
         from safetensors.torch import load_file

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -213,10 +212,7 @@ def classifier(small_splits, tmp_path_factory):
     weights, architecture = folder / "model.safetensors", folder / "architecture.json"
     save_file(trained.state_dict(), str(weights))
     architecture.write_text(json.dumps(architecture_of(config)))
-    model = DigitClassifier()
-    model.load_context(
-        SimpleNamespace(artifacts={"weights": str(weights), "architecture": str(architecture)})
-    )
+    model = DigitClassifier.from_data_files({"weights": weights, "architecture": architecture})
     return model, trained
 
 
