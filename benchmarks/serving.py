@@ -38,7 +38,7 @@ BURST = 20  # concurrent requests in the caps figures
 def register_small_model(context: Context, store) -> None:
     """A classic MLP trained one epoch on 10,000 images, logged and registered (version 1)
     with the functions train_and_track uses (no plots: they do not change the model)."""
-    from mnist_track import tracking
+    from mnist_track import registry, tracking
     from mnist_track.config import TrainConfig
     from mnist_track.models import architecture_of
     from mnist_track.pixels import to_pixels
@@ -56,7 +56,7 @@ def register_small_model(context: Context, store) -> None:
             architecture_of(config),
             example_pixels=to_pixels(splits.test.images[:1]).reshape(1, -1),
         )
-    version = tracking.register_version(model_uri, MODEL, run.run_id, {})
+    version = registry.register_version(model_uri, MODEL, run.run_id, {})
     if version != "1":
         raise RuntimeError(f"expected version 1 of {MODEL}, got {version}")
 

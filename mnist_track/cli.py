@@ -522,10 +522,10 @@ def serve(model_uri, host, port, workers, tracking_uri) -> None:
 def promote(registered_model, version, alias, tracking_uri) -> None:
     """Point ALIAS of REGISTERED_MODEL at VERSION by hand."""
     with domain_errors():
-        from mnist_track import tracking
+        from mnist_track import registry, tracking
 
         tracking.use_tracking_uri(tracking_uri, create=False)
-        tracking.set_alias(registered_model, version, alias)
+        registry.set_alias(registered_model, version, alias)
         click.echo(f"models:/{registered_model}@{alias} -> version {version}")
 
 

@@ -1,7 +1,7 @@
 """What the MLflow UI says about our runs and models, in words: the registered model's
 Markdown description, each version's, a study's parent run's and a trial run's note.
 
-Pure text from plain values; tracking.py, runs.py and tune.py put it where MLflow shows
+Pure text from plain values; registry.py, runs.py and tune.py put it where MLflow shows
 it (a description, or the `mlflow.note.content` tag the UI shows as a run's
 description)."""
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnist_track import descriptions, plots, timings, tracking
+from mnist_track import descriptions, plots, registry, timings, tracking
 from mnist_track.config import TrainConfig
 from mnist_track.data import MnistSplits
 from mnist_track.faults import fault_point
@@ -39,7 +39,7 @@ class RunOutcome:
     fit: FitResult
     test: ClassificationReport
     model_version: str | None  # None when not registered
-    champion: tracking.Champion | None  # where `champion` points after this run
+    champion: registry.Champion | None  # where `champion` points after this run
 
     @property
     def validation_accuracy(self) -> float:
@@ -61,7 +61,7 @@ def run_tags(config: TrainConfig, splits: MnistSplits) -> dict[str, Any]:
         "split.train": sizes["train"],
         "split.validation": sizes["validation"],
         "split.test": sizes["test"],
-        tracking.VALIDATION_SPLIT_TAG: splits.validation_digest,
+        registry.VALIDATION_SPLIT_TAG: splits.validation_digest,
         descriptions.NOTE_TAG: descriptions.run_note(
             _named_architecture(config),
             {key: getattr(config, key) for key in NOTE_SETTINGS},
@@ -164,8 +164,8 @@ def train_and_track(
     if registered_model is None:
         return RunOutcome(log.run_id, result, report, None, None)
     version_tags = {
-        tracking.VALIDATION_ACCURACY_TAG: result.final_validation_accuracy,
-        tracking.VALIDATION_SPLIT_TAG: splits.validation_digest,
+        registry.VALIDATION_ACCURACY_TAG: result.final_validation_accuracy,
+        registry.VALIDATION_SPLIT_TAG: splits.validation_digest,
         "test_accuracy": report.accuracy,
         "run_id": log.run_id,
         "architecture": describe_architecture(config),
@@ -199,26 +199,26 @@ def _register(run_id, model_uri, name, version_tags, description, split, still_w
         tracking.end_stale_run(run_id, "FAILED", abandoned, also=("FINISHED",))
         raise TrialAbandoned(abandoned)
     with timings.phase("registration"):
-        version = tracking.register_version(model_uri, name, run_id, version_tags, description)
+        version = registry.register_version(model_uri, name, run_id, version_tags, description)
     fault_point("after_registration")
     if not still_wanted():  # taken over while registering: withdraw the version
-        tracking.delete_version(name, version)
+        registry.delete_version(name, version)
         tracking.end_stale_run(run_id, "FAILED", abandoned, also=("FINISHED",))
-        tracking.crown_champion(name, split)
+        registry.crown_champion(name, split)
         raise TrialAbandoned(abandoned)
     try:
         with timings.phase("champion decision"):
-            champion = tracking.crown_champion(
+            champion = registry.crown_champion(
                 name,
                 split,
                 candidate=version,
-                candidate_accuracy=float(version_tags[tracking.VALIDATION_ACCURACY_TAG]),
+                candidate_accuracy=float(version_tags[registry.VALIDATION_ACCURACY_TAG]),
             )
     except BaseException as error:
         # The trial fails with this error: its version and its FINISHED run must not
         # outlive it (a version is a promise that its trial completed).
         with contextlib.suppress(Exception):
-            tracking.delete_version(name, version)
+            registry.delete_version(name, version)
         with contextlib.suppress(Exception):  # else the next reconciliation fails it
             tracking.end_stale_run(
                 run_id, "FAILED", f"champion decision failed: {error}", also=("FINISHED",)

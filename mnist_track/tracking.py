@@ -1,6 +1,7 @@
-"""Everything mnist-track asks of MLflow's tracking store and registry: runs, params,
-metrics, figures, the model, the Model Registry and its aliases. (The served model,
-serving.py and model_code.py, imports MLflow too: a pyfunc model must.)
+"""Everything mnist-track asks of MLflow's tracking store: runs, params, metrics,
+figures, the logged model and reading its files back. (The Model Registry and the
+champion rule are registry.py's; the served model, serving.py and model_code.py, imports
+MLflow too: a pyfunc model must.)
 
 Run lifecycle goes through MLflow's fluent API (model logging needs an active run);
 everything else goes through `MlflowClient` with explicit run ids, batched into as few
@@ -22,7 +23,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,9 +43,9 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
-from mnist_track import descriptions, missing_modules, model_folder, timings
+from mnist_track import missing_modules, model_folder, timings
 from mnist_track.coordination import creating_store, is_database_file
-from mnist_track.defaults import CHAMPION_ALIAS, SYSTEM_METRICS_INTERVAL_SECONDS
+from mnist_track.defaults import SYSTEM_METRICS_INTERVAL_SECONDS
 from mnist_track.errors import MnistTrackError
 from mnist_track.model_folder import PACKAGE_DIR
 from mnist_track.redact import redact_text, redact_url
@@ -63,11 +64,6 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 LAUNCHER_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the entry point's process
 MODEL_NAME_IN_RUN = "model"
 ERROR_TAG = "error"
-VALIDATION_ACCURACY_TAG = "validation_accuracy"
-# Versions are comparable only when scored on the same validation images: a version
-# validated on 1 image must not hold `champion` over one validated on 5,000.
-VALIDATION_SPLIT_TAG = "validation_split"
-CHAMPION_ATTEMPTS = 5  # re-decisions when other workers keep registering meanwhile
 # The first request to a tracking server: one try, a short wait. A wrong URI then fails
 # in seconds, not after MLflow's retries with back-off (minutes); once it has answered,
 # later requests keep those retries for passing failures.
@@ -652,7 +648,7 @@ def run_status(run_id: str) -> str | None:
 _UNQUOTABLE = re.compile(r"['\"\\]")  # characters no filter-string literal can hold
 
 
-def _equals(field: str, value: Any) -> str:
+def filter_equals(field: str, value: Any) -> str:
     """A filter-string condition that `field` equals `value`, or a superset of it: the
     caller keeps only exact matches. MLflow's parser takes a quoted value as it stands
     (it strips the quotes and unescapes nothing), so the quote must be one the value does
@@ -673,7 +669,7 @@ def runs_tagged(experiments: list[str], tags: Mapping[str, Any]) -> list:
     if not ids:
         return []
     wanted = {key: str(value) for key, value in tags.items()}
-    query = " and ".join(_equals(f"tags.`{key}`", value) for key, value in wanted.items())
+    query = " and ".join(filter_equals(f"tags.`{key}`", value) for key, value in wanted.items())
     runs, token = [], None
     while True:
         page = client.search_runs(sorted(ids), query, max_results=1000, page_token=token)
@@ -796,258 +792,6 @@ def log_model(
         raise
     log.wait_for(_parallel.submit(client.finalize_logged_model, model.model_id, "READY"))
     return f"models:/{model.model_id}"
-
-
-# --- the registry ----------------------------------------------------------------------
-
-
-def register_version(
-    model_uri: str, name: str, run_id: str, tags: Mapping[str, Any], description: str = ""
-) -> str:
-    """A new version of `name` for a logged model (`models:/<model id>`), its tags and
-    description set in the same call so no reader ever sees a version without its
-    validation accuracy and split. (Not `mlflow.register_model`, which prints to stderr
-    on every call.)"""
-    client = MlflowClient()
-    if (mlflow.get_registry_uri(), name) not in _REGISTERED_MODELS:
-        _ensure_registered_model(client, name)
-    try:
-        version = _create_version(client, name, model_uri, run_id, tags, description)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        _ensure_registered_model(client, name)  # deleted since this process saw it
-        version = _create_version(client, name, model_uri, run_id, tags, description)
-    return str(version.version)
-
-
-# (registry URI, name) of registered models this process knows exist: one round trip
-# less per trial against a tracking server.
-_REGISTERED_MODELS: set[tuple[str, str]] = set()
-
-
-def _ensure_registered_model(client: MlflowClient, name: str) -> None:
-    try:
-        client.create_registered_model(name, description=descriptions.registered_model(name))
-    except MlflowException as error:
-        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-            raise
-        # Made before descriptions were written, or by hand: described once, never
-        # overwritten (a team may have written its own).
-        if not client.get_registered_model(name).description:
-            client.update_registered_model(name, descriptions.registered_model(name))
-    _REGISTERED_MODELS.add((mlflow.get_registry_uri(), name))
-
-
-def _create_version(client, name: str, model_uri: str, run_id: str, tags, description: str):
-    return client.create_model_version(
-        name,
-        source=model_uri,
-        run_id=run_id,
-        description=description or None,
-        tags={k: str(v) for k, v in tags.items()},
-        await_creation_for=0,
-        model_id=model_uri.removeprefix("models:/"),
-    )
-
-
-def delete_version(name: str, version: str) -> None:
-    """Remove a version that must not exist (its run did not finish); an alias on it
-    goes with it."""
-    with contextlib.suppress(MlflowException):  # already deleted by another worker
-        MlflowClient().delete_model_version(name, version)
-
-
-def versions_of(name: str, tags: Mapping[str, Any] | None = None) -> list:
-    """Every version of a registered model (optionally only those with all `tags`)."""
-    query = _equals("name", name)
-    versions, token = [], None
-    while True:
-        page = MlflowClient().search_model_versions(query, max_results=1000, page_token=token)
-        versions += page
-        token = page.token
-        if not token:
-            break
-    wanted = {k: str(v) for k, v in (tags or {}).items()}
-    return [
-        v for v in versions if v.name == name and all(v.tags.get(k) == x for k, x in wanted.items())
-    ]
-
-
-def alias_version(name: str, alias: str = CHAMPION_ALIAS):
-    """The ModelVersion carrying `alias`, or None."""
-    try:
-        return MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
-def set_alias(name: str, version: str, alias: str = CHAMPION_ALIAS) -> None:
-    client = MlflowClient()
-    try:
-        client.get_model_version(name, version)
-    except MlflowException:
-        raise TrackingError(f"registered model {name!r} has no version {version}") from None
-    client.set_registered_model_alias(name, alias, version)
-
-
-@dataclass(frozen=True)
-class Champion:
-    """Where `champion` points after a decision, and why a version was left out."""
-
-    version: str | None
-    note: str | None = None  # e.g. why the caller's version was not compared
-
-    def holds(self, version: str | None) -> bool:
-        return version is not None and self.version == version
-
-
-def crown_champion(
-    name: str,
-    split: str,
-    candidate: str | None = None,
-    candidate_accuracy: float | None = None,
-) -> Champion:
-    """Point `champion` at the best version: highest validation accuracy among versions
-    whose run FINISHED and that were validated on the same split as the champion (or as
-    `split`, when there is no valid champion). Ties go to the older version.
-
-    Any worker can recompute this, so racing workers converge: each that moves the alias
-    re-reads and decides again until what it reads agrees with what it wrote.
-
-    A worker deciding for its new version `candidate`, validated on `split` with
-    `candidate_accuracy`, first reads only the champion: most versions cannot move it
-    (`_champion_stays`), and then the versions need not be read at all (one request less
-    per trial to a tracking server, and that one grows with the versions)."""
-    finished: dict[str, bool] = {}  # run id -> FINISHED, cached across passes
-
-    def valid(version) -> bool:
-        if version.run_id not in finished:
-            finished[version.run_id] = run_status(version.run_id) == "FINISHED"
-        return finished[version.run_id]
-
-    read_first = candidate is not None and candidate_accuracy is not None
-    if read_first:
-        current = _read_champion(name, finished)
-        stays = _champion_stays(current, split, candidate, candidate_accuracy, valid)
-        if stays is not None:
-            return stays
-    decision = Champion(None)
-    for attempt in range(CHAMPION_ATTEMPTS):
-        # The versions are read while the champion and its run are (on the first pass,
-        # the champion just read for `_champion_stays`).
-        versions_read = _parallel.submit(versions_of, name)
-        if attempt > 0 or not read_first:
-            current = alias_version(name)
-        current_valid = current is not None and valid(current)
-        versions = versions_read.result()
-        reference = split
-        if current_valid:
-            reference = current.tags.get(VALIDATION_SPLIT_TAG, "")
-        comparable = sorted(
-            (
-                v
-                for v in versions
-                if v.tags.get(VALIDATION_SPLIT_TAG) == reference
-                and VALIDATION_ACCURACY_TAG in v.tags
-            ),
-            key=lambda v: (-float(v.tags[VALIDATION_ACCURACY_TAG]), int(v.version)),
-        )
-        best = next((v for v in comparable if valid(v)), None)
-        mine = next((v for v in versions if str(v.version) == str(candidate)), None)
-        mine_split = None if mine is None else mine.tags.get(VALIDATION_SPLIT_TAG, "")
-        note = _why_not_compared(candidate, mine_split, reference)
-        if best is None:
-            invalid = current is not None and not valid(current)
-            if invalid and not _lost_race(MlflowClient().delete_registered_model_alias, name):
-                continue
-            return Champion(None, note)
-        decision = Champion(str(best.version), note)
-        if current is not None and str(current.version) == str(best.version):
-            # Nothing written, so nothing another worker wrote was overwritten: no need to
-            # read again (most trials do not beat the champion).
-            return decision
-        if not _lost_race(MlflowClient().set_registered_model_alias, name, best.version):
-            continue
-        versions_read = _parallel.submit(versions_of, name)
-        settled = alias_version(name)
-        if (
-            settled is not None
-            and str(settled.version) == str(best.version)
-            and len(versions_read.result()) == len(versions)
-        ):
-            return decision
-    return decision
-
-
-# (registry URI, registered model) -> the run of the last champion this process read:
-# its status is read while the alias is, one round trip less per decision while the
-# champion stays.
-_CHAMPION_RUNS: dict[tuple[str, str], str] = {}
-
-
-def _read_champion(name: str, finished: dict[str, bool]):
-    """The version carrying `champion` (or None); the status of the run this process
-    last saw behind it is read at the same time, into `finished`, and used if the
-    champion is still that run's. Both reads start after the caller's version is
-    registered, as sequential reads would."""
-    key = (mlflow.get_registry_uri(), name)
-    guess = _CHAMPION_RUNS.get(key)
-    status_read = _parallel.submit(run_status, guess) if guess else None
-    current = alias_version(name)
-    if current is None:
-        _CHAMPION_RUNS.pop(key, None)
-        return None
-    _CHAMPION_RUNS[key] = current.run_id
-    if status_read is not None and current.run_id == guess:
-        finished[guess] = status_read.result() == "FINISHED"
-    return current
-
-
-def _lost_race(change_alias: Callable[..., None], name: str, *version: str) -> bool:
-    """Set or delete `champion`; False when another worker changed it at the same moment.
-    A tracking server's registry reads, then inserts: two workers crowning the first
-    champion together both insert, and the loser's request fails on the unique key. The
-    caller then reads again and decides again, like any other lost race."""
-    try:
-        change_alias(name, CHAMPION_ALIAS, *version)
-    except MlflowException:
-        if alias_version(name) is None and not version:
-            return True  # deleting an alias another worker deleted first
-        time.sleep(0.05 + random.random() * 0.2)  # let the winner's write land first
-        return False
-    return True
-
-
-def _champion_stays(current, split, candidate, accuracy, valid) -> Champion | None:
-    """The decision for a new version that cannot move `champion` (now `current`, the
-    version carrying it, or None); None when it may.
-    It cannot when the champion is valid and was validated on another split (the new
-    version is not compared) or is at least as accurate (ties go to the older version).
-    Comparing the new version alone is enough: the champion was the best when it was
-    crowned, a better version registered since is crowned by its own worker's decision,
-    and a version that stops being valid is removed and the champion decided in full."""
-    if current is None or str(current.version) == str(candidate) or not valid(current):
-        return None
-    reference = current.tags.get(VALIDATION_SPLIT_TAG, "")
-    if reference != split:
-        return Champion(str(current.version), _why_not_compared(candidate, split, reference))
-    held = current.tags.get(VALIDATION_ACCURACY_TAG)
-    if held is not None and float(held) >= accuracy:
-        return Champion(str(current.version))
-    return None
-
-
-def _why_not_compared(candidate: str | None, split: str | None, reference: str) -> str | None:
-    """Why version `candidate`, validated on `split`, was not compared with the champion
-    (validated on `reference`); None when it was."""
-    if candidate is None or split is None or split == reference:
-        return None
-    return (
-        f"version {candidate} was not compared with the champion: it was validated on "
-        f"another split ({split or 'unknown'} vs {reference}); "
-        "use `mnist-track promote` to crown it by hand"
-    )
 
 
 def load_model(model_uri: str):

@@ -34,7 +34,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_track import descriptions, study_plots, timings, tracking
+from mnist_track import descriptions, registry, study_plots, timings, tracking
 from mnist_track.config import (
     SCALAR_SEARCH_KEYS,
     CategoricalParam,
@@ -703,15 +703,15 @@ def reconcile(study: optuna.Study, config: StudyConfig) -> Reconciled:
             tracking.set_run_tags(run_id, {STATE_TAG: state})
             status[run_id] = ended
             report.runs_ended += 1
-    for version in tracking.versions_of(config.registered_model, {"study": config.study_name}):
+    for version in registry.versions_of(config.registered_model, {"study": config.study_name}):
         trial = trials.get(_int(version.tags.get("trial")))
         if not _version_belongs(version, trial, status):
-            tracking.delete_version(config.registered_model, str(version.version))
+            registry.delete_version(config.registered_model, str(version.version))
             report.versions_removed.append(str(version.version))
     # Always decided again: a worker that died (or lost every race) while crowning may
     # have left `champion` on a version that is no longer the best.
     split = validation_digest(config.train.val_size, config.train.split_seed)
-    tracking.crown_champion(config.registered_model, split)
+    registry.crown_champion(config.registered_model, split)
     return report
 
 

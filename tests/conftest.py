@@ -88,6 +88,14 @@ def migrated_store(tracking_uri, tmp_path, store_template) -> str:
     return tracking_uri
 
 
+@pytest.fixture
+def client(migrated_store):
+    """An MlflowClient of the fresh store in tmp_path (copied from the migrated template)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for CLI subprocesses: the venv's bin first on PATH (mlflow models
     serve runs uvicorn from PATH), the MNIST files, and the current tracking URI."""

@@ -11,7 +11,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from mnist_track import console
-from mnist_track.tracking import Champion
+from mnist_track.registry import Champion
 from mnist_track.tune import Reconciled
 
 LR = {"lr": FloatDistribution(1e-4, 1e-1, log=True)}

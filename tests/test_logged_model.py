@@ -17,7 +17,7 @@ from conftest import in_sqlite_store
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 
-from mnist_track import model_folder, tracking
+from mnist_track import model_folder, registry, tracking
 from mnist_track.config import TrainConfig
 from mnist_track.pixels import to_pixels
 from mnist_track.runs import train_and_track
@@ -146,7 +146,7 @@ def test_a_failed_champion_decision_leaves_no_version_and_no_finished_run(
     def unreachable(*args, **kwargs):
         raise tracking.TrackingError("the registry stopped answering")
 
-    monkeypatch.setattr(tracking, "crown_champion", unreachable)
+    monkeypatch.setattr(registry, "crown_champion", unreachable)
     with pytest.raises(tracking.TrackingError, match="stopped answering"):
         train_and_track(
             TrainConfig(epochs=1, hidden_sizes=(16,)),
@@ -158,7 +158,7 @@ def test_a_failed_champion_decision_leaves_no_version_and_no_finished_run(
     [run] = client.search_runs([client.get_experiment_by_name("failed-decision").experiment_id])
     assert run.info.status == "FAILED"
     assert "stopped answering" in run.data.tags[tracking.ERROR_TAG]
-    assert tracking.versions_of("failed-decision") == []
+    assert registry.versions_of("failed-decision") == []
 
 
 def test_a_run_ends_only_once_its_model_is_ready(tracking_uri, small_splits, monkeypatch):

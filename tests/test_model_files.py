@@ -30,7 +30,7 @@ def logged(tmp_path_factory, small_splits, raw_mnist):
     from PIL import Image
     from safetensors.torch import load_file
 
-    from mnist_track import tracking
+    from mnist_track import registry, tracking
     from mnist_track.config import TrainConfig
     from mnist_track.models import architecture_of
     from mnist_track.runs import train_and_track
@@ -54,7 +54,7 @@ def logged(tmp_path_factory, small_splits, raw_mnist):
                     run, load_file(weights), architecture_of(config), example
                 )
             if name == "version-2":
-                tracking.register_version(copies[name], MODEL, run.run_id, {})
+                registry.register_version(copies[name], MODEL, run.run_id, {})
     digits = folder / "digits"
     digits.mkdir()
     images = raw_mnist.test_images[:N_IMAGES]

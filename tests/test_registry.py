@@ -1,27 +1,24 @@
-"""Unit tests for the registry side of mnist_track.tracking: who gets `champion`, versions
-and their removal, experiments, and what counts as a local store. No training: runs are
-created with MlflowClient and versions point at cheap logged-model records."""
+"""Unit tests for mnist_track.registry: who gets `champion`, versions and their removal.
+No training: runs are created with MlflowClient and versions point at cheap logged-model
+records."""
 
 from __future__ import annotations
 
-import re
 import time
 
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mnist_track import tracking
-from mnist_track.tracking import (
-    CHAMPION_ALIAS,
+from mnist_track import registry, tracking
+from mnist_track.defaults import CHAMPION_ALIAS
+from mnist_track.registry import (
     VALIDATION_ACCURACY_TAG,
     VALIDATION_SPLIT_TAG,
     Champion,
     alias_version,
     crown_champion,
     delete_version,
-    ensure_experiment,
-    is_local_store,
     register_version,
     versions_of,
 )
@@ -32,30 +29,24 @@ OTHER_SPLIT = "split-b"
 
 
 @pytest.fixture
-def store(migrated_store):
-    """The conftest's fresh store in tmp_path, starting from the migrated template."""
-    return MlflowClient()
+def experiment_id(client):
+    return tracking.ensure_experiment("registry-tests")
 
 
 @pytest.fixture
-def experiment_id(store):
-    return ensure_experiment("registry-tests")
-
-
-@pytest.fixture
-def version(store, experiment_id):
+def version(client, experiment_id):
     """add(accuracy, split, status) -> a new version of MODEL whose run ended in `status`
     (RUNNING: not ended); returns (version, run_id)."""
 
     def add(accuracy: float | None, split: str = SPLIT, status: str = "FINISHED"):
-        run_id = store.create_run(experiment_id).info.run_id
-        model = store.create_logged_model(experiment_id, source_run_id=run_id)
+        run_id = client.create_run(experiment_id).info.run_id
+        model = client.create_logged_model(experiment_id, source_run_id=run_id)
         tags = {VALIDATION_SPLIT_TAG: split}
         if accuracy is not None:
             tags[VALIDATION_ACCURACY_TAG] = accuracy
         number = register_version(f"models:/{model.model_id}", MODEL, run_id, tags)
         if status != "RUNNING":
-            store.set_terminated(run_id, status=status)
+            client.set_terminated(run_id, status=status)
         return number, run_id
 
     return add
@@ -69,7 +60,7 @@ def champion() -> str | None:
 # --- registering -----------------------------------------------------------------------
 
 
-def test_register_version_sets_tags_in_the_same_call(store, version):
+def test_register_version_sets_tags_in_the_same_call(client, version):
     first, run_id = version(0.91)
     second, _ = version(0.92, OTHER_SPLIT)
     assert (first, second) == ("1", "2")
@@ -84,7 +75,7 @@ def test_register_version_sets_tags_in_the_same_call(store, version):
 # --- crown_champion --------------------------------------------------------------------
 
 
-def test_the_most_accurate_finished_version_on_the_split_is_crowned(store, version):
+def test_the_most_accurate_finished_version_on_the_split_is_crowned(client, version):
     version(0.90)
     best, _ = version(0.97)
     version(0.95)
@@ -95,21 +86,21 @@ def test_the_most_accurate_finished_version_on_the_split_is_crowned(store, versi
 
 
 @pytest.mark.parametrize("status", ["FAILED", "RUNNING", "KILLED"])
-def test_a_version_whose_run_did_not_finish_is_never_crowned(store, version, status):
+def test_a_version_whose_run_did_not_finish_is_never_crowned(client, version, status):
     finished, _ = version(0.90)
     unfinished, _ = version(0.99, status=status)
     assert crown_champion(MODEL, SPLIT, candidate=unfinished) == Champion(finished)
     assert champion() == finished
 
 
-def test_only_unfinished_versions_leave_no_champion(store, version):
+def test_only_unfinished_versions_leave_no_champion(client, version):
     version(0.99, status="FAILED")
     version(0.98, status="RUNNING")
     assert crown_champion(MODEL, SPLIT) == Champion(None)
     assert champion() is None
 
 
-def test_a_version_on_another_split_is_not_compared(store, version):
+def test_a_version_on_another_split_is_not_compared(client, version):
     held, _ = version(0.95)
     crown_champion(MODEL, SPLIT)
     other, _ = version(0.99, OTHER_SPLIT)  # better, but scored on other images
@@ -125,7 +116,7 @@ def test_a_version_on_another_split_is_not_compared(store, version):
     assert crown_champion(MODEL, SPLIT, candidate=same) == Champion(held)
 
 
-def test_without_a_valid_champion_the_split_argument_is_the_reference(store, version):
+def test_without_a_valid_champion_the_split_argument_is_the_reference(client, version):
     on_a, _ = version(0.90, SPLIT)
     on_b, _ = version(0.99, OTHER_SPLIT)
     decision = crown_champion(MODEL, SPLIT, candidate=on_b)
@@ -137,16 +128,16 @@ def test_without_a_valid_champion_the_split_argument_is_the_reference(store, ver
     assert champion() == on_b
 
 
-def test_an_invalid_champion_does_not_fix_the_reference(store, version):
+def test_an_invalid_champion_does_not_fix_the_reference(client, version):
     on_a, run_a = version(0.90, SPLIT)
     crown_champion(MODEL, SPLIT)
     on_b, _ = version(0.80, OTHER_SPLIT)
-    store.update_run(run_a, status="FAILED")  # the champion no longer counts
+    client.update_run(run_a, status="FAILED")  # the champion no longer counts
     assert crown_champion(MODEL, OTHER_SPLIT) == Champion(on_b)
     assert champion() == on_b
 
 
-def test_ties_go_to_the_older_version(store, version):
+def test_ties_go_to_the_older_version(client, version):
     version(0.80)
     older, _ = version(0.95)
     version(0.95)
@@ -155,39 +146,39 @@ def test_ties_go_to_the_older_version(store, version):
     assert champion() == older
 
 
-def test_a_tie_does_not_move_the_champion_to_a_newer_version(store, version):
+def test_a_tie_does_not_move_the_champion_to_a_newer_version(client, version):
     older, _ = version(0.95)
     crown_champion(MODEL, SPLIT)
     newer, _ = version(0.95)
     assert crown_champion(MODEL, SPLIT, candidate=newer) == Champion(older)
 
 
-def test_versions_without_accuracy_are_not_compared(store, version):
+def test_versions_without_accuracy_are_not_compared(client, version):
     version(None)
     scored, _ = version(0.5)
     assert crown_champion(MODEL, SPLIT) == Champion(scored)
 
 
-def test_a_champion_whose_run_failed_loses_the_alias(store, version):
+def test_a_champion_whose_run_failed_loses_the_alias(client, version):
     version(0.90)
     runner_up, _ = version(0.93)
     best, best_run = version(0.97)
     assert crown_champion(MODEL, SPLIT).version == best
-    store.update_run(best_run, status="FAILED")
+    client.update_run(best_run, status="FAILED")
     assert crown_champion(MODEL, SPLIT) == Champion(runner_up)
     assert champion() == runner_up
 
 
-def test_the_alias_goes_when_no_version_is_valid_any_more(store, version):
+def test_the_alias_goes_when_no_version_is_valid_any_more(client, version):
     only, run_id = version(0.97)
     crown_champion(MODEL, SPLIT)
-    store.update_run(run_id, status="FAILED")
+    client.update_run(run_id, status="FAILED")
     assert crown_champion(MODEL, SPLIT) == Champion(None)
     assert champion() is None
-    assert CHAMPION_ALIAS not in store.get_registered_model(MODEL).aliases
+    assert CHAMPION_ALIAS not in client.get_registered_model(MODEL).aliases
 
 
-def test_deleting_the_champion_removes_its_alias_and_it_is_recrowned(store, version):
+def test_deleting_the_champion_removes_its_alias_and_it_is_recrowned(client, version):
     runner_up, _ = version(0.93)
     best, _ = version(0.97)
     crown_champion(MODEL, SPLIT)
@@ -221,7 +212,7 @@ def lose_the_first_race(monkeypatch, winner: str) -> list[str]:
     return calls
 
 
-def test_a_lost_race_to_set_the_alias_is_decided_again(store, version, monkeypatch):
+def test_a_lost_race_to_set_the_alias_is_decided_again(client, version, monkeypatch):
     worse, _ = version(0.90)
     best, _ = version(0.97)
     calls = lose_the_first_race(monkeypatch, winner=worse)
@@ -230,7 +221,7 @@ def test_a_lost_race_to_set_the_alias_is_decided_again(store, version, monkeypat
     assert calls == [best, best]  # read again after losing, then set again
 
 
-def test_a_lost_race_to_a_better_version_is_accepted(store, version, monkeypatch):
+def test_a_lost_race_to_a_better_version_is_accepted(client, version, monkeypatch):
     best, _ = version(0.97)
     mine, _ = version(0.90)
     # The other worker's version is already the best: nothing to set after re-reading.
@@ -240,13 +231,13 @@ def test_a_lost_race_to_a_better_version_is_accepted(store, version, monkeypatch
     assert calls == [best]
 
 
-def test_a_decision_that_moves_nothing_reads_the_registry_once(store, version, monkeypatch):
+def test_a_decision_that_moves_nothing_reads_the_registry_once(client, version, monkeypatch):
     best, _ = version(0.97)
     crown_champion(MODEL, SPLIT)
     worse, _ = version(0.90)
     reads = []
-    real = tracking.versions_of
-    monkeypatch.setattr(tracking, "versions_of", lambda *a: reads.append(a) or real(*a))
+    real = registry.versions_of
+    monkeypatch.setattr(registry, "versions_of", lambda *a: reads.append(a) or real(*a))
     assert crown_champion(MODEL, SPLIT, candidate=worse) == Champion(best)
     assert len(reads) == 1
     better, _ = version(0.99)  # this one moves the alias: read again to confirm
@@ -254,7 +245,7 @@ def test_a_decision_that_moves_nothing_reads_the_registry_once(store, version, m
     assert len(reads) == 3
 
 
-def test_crowning_is_idempotent(store, version):
+def test_crowning_is_idempotent(client, version):
     version(0.90)
     best, _ = version(0.97)
     first = crown_champion(MODEL, SPLIT)
@@ -262,131 +253,22 @@ def test_crowning_is_idempotent(store, version):
     assert len(versions_of(MODEL)) == 2
 
 
-# --- experiments and stores ------------------------------------------------------------
+# --- the store and the registered model ------------------------------------------------
 
 
-def test_ensure_experiment_returns_the_same_id(store):
-    first = ensure_experiment("repeat")
-    assert ensure_experiment("repeat") == first
-    assert store.get_experiment_by_name("repeat").experiment_id == first
-    assert ensure_experiment("another") != first
-
-
-def test_experiments_open_on_their_runs_in_the_mlflow_ui(store):
-    made = ensure_experiment("fresh")
-    assert store.get_experiment(made).tags["mlflow.experimentKind"] == "custom_model_development"
-    # One made before (or by hand) gets the kind; a kind someone chose is kept.
-    older = store.create_experiment("older")
-    chosen = store.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
-    ensure_experiment("older"), ensure_experiment("chosen")
-    assert store.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
-    assert store.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
-
-
-def test_ensure_experiment_never_returns_a_deleted_experiment(store):
-    deleted = ensure_experiment("deleted-in-the-ui")
-    store.delete_experiment(deleted)
-    try:
-        found = ensure_experiment("deleted-in-the-ui")
-    except tracking.TrackingError as error:
-        assert "deleted-in-the-ui" in str(error)  # refusing, by name, is fine too
-        return
-    assert store.get_experiment(found).lifecycle_stage == "active"
-
-
-@pytest.mark.parametrize(
-    ("uri", "local"),
-    [
-        ("sqlite:///x", True),
-        ("sqlite:////abs/mlflow.db", True),
-        ("file:///x", True),
-        ("./mlruns", True),
-        ("mlruns", True),
-        ("/abs/mlruns", True),
-        ("http://h", False),
-        ("https://mlflow.example.com", False),
-        ("postgresql://h", False),
-        ("mysql+pymysql://u:p@h/db", False),
-        ("databricks://profile", False),
-    ],
-)
-def test_is_local_store(uri, local):
-    assert is_local_store(uri) is local
-
-
-def test_the_databricks_uri_is_not_a_local_store():
-    assert is_local_store("databricks") is False
-
-
-def test_the_module_talks_to_the_store_of_the_fixture(store, tracking_uri):
+def test_the_module_talks_to_the_store_of_the_fixture(client, tracking_uri):
     # Guard for the fixtures above: the copied template is the store in use.
-    assert tracking.mlflow.get_tracking_uri() == tracking_uri
-    assert store.search_experiments(filter_string="name = 'Default'")
+    assert registry.mlflow.get_tracking_uri() == tracking_uri
+    assert client.search_experiments(filter_string="name = 'Default'")
 
 
-def test_a_registered_model_deleted_meanwhile_is_created_again(store, version):
+def test_a_registered_model_deleted_meanwhile_is_created_again(client, version):
     first, _ = version(0.9)
-    store.delete_registered_model(MODEL)  # e.g. by someone in the UI
+    client.delete_registered_model(MODEL)  # e.g. by someone in the UI
     again, _ = version(0.8)
     assert again == "1"
     assert [str(v.version) for v in versions_of(MODEL)] == ["1"]
     assert first == "1"
-
-
-# --- filter strings built from user values ---------------------------------------------
-
-# MLflow's filter parser strips a value's quotes and unescapes nothing, so each of these
-# needs its own treatment (the other quote, or LIKE and an exact check).
-AWKWARD = {
-    "single-quote": "bob's study",
-    "double-quote": 'say "hi"',
-    "both-quotes": "both ' and \"",
-    "backslash": "back\\slash",
-    "trailing-backslash": "ends in \\",
-    "like-wildcards": "100%_done",
-}
-
-
-def near_miss(value: str) -> str:
-    """A different value that a LIKE pattern made from `value` would also match."""
-    return re.sub(r"['\"\\\\%_]", "x", value)
-
-
-@pytest.mark.parametrize("value", AWKWARD.values(), ids=AWKWARD.keys())
-def test_runs_are_found_by_a_tag_value_with_quotes(store, experiment_id, value):
-    wanted = store.create_run(experiment_id, tags={"optuna.study": value}).info.run_id
-    store.create_run(experiment_id, tags={"optuna.study": near_miss(value)})
-    found = tracking.runs_tagged(["registry-tests"], {"optuna.study": value})
-    assert [run.info.run_id for run in found] == [wanted]
-
-
-@pytest.mark.parametrize("value", AWKWARD.values(), ids=AWKWARD.keys())
-def test_versions_are_found_by_a_model_name_with_quotes(store, experiment_id, value):
-    for name in (value, near_miss(value)):
-        run_id = store.create_run(experiment_id).info.run_id
-        model = store.create_logged_model(experiment_id, source_run_id=run_id)
-        register_version(f"models:/{model.model_id}", name, run_id, {"accuracy": 0.5})
-    assert [(v.name, str(v.version)) for v in versions_of(value)] == [(value, "1")]
-
-
-# --- opening a store -------------------------------------------------------------------
-
-
-def test_a_missing_local_store_is_named(tmp_path):
-    (tmp_path / "there.db").touch()
-    assert tracking.missing_local_store(f"sqlite:///{tmp_path}/there.db") is None
-    assert tracking.missing_local_store(f"sqlite:///{tmp_path}/typo.db") == f"{tmp_path}/typo.db"
-    assert tracking.missing_local_store(f"file://{tmp_path}/mlrunz") == f"{tmp_path}/mlrunz"
-    assert tracking.missing_local_store(str(tmp_path / "mlrunz")) == f"{tmp_path}/mlrunz"
-    for elsewhere in ("sqlite://", "http://127.0.0.1:9", "postgresql://h/db"):
-        assert tracking.missing_local_store(elsewhere) is None
-
-
-def test_reading_a_store_that_does_not_exist_creates_nothing(tracking_uri, tmp_path):
-    typo = tmp_path / "typo.db"
-    with pytest.raises(tracking.TrackingError, match=f"no MLflow tracking store at {typo}"):
-        tracking.use_tracking_uri(f"sqlite:///{typo}", create=False)
-    assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
 # --- a worker's decision for its own new version ---------------------------------------
@@ -394,13 +276,13 @@ def test_reading_a_store_that_does_not_exist_creates_nothing(tracking_uri, tmp_p
 
 def counting_version_reads(monkeypatch) -> list:
     reads: list = []
-    real = tracking.versions_of
-    monkeypatch.setattr(tracking, "versions_of", lambda *a: reads.append(a) or real(*a))
+    real = registry.versions_of
+    monkeypatch.setattr(registry, "versions_of", lambda *a: reads.append(a) or real(*a))
     return reads
 
 
 def test_a_version_no_better_than_the_champion_is_decided_without_reading_versions(
-    store, version, monkeypatch
+    client, version, monkeypatch
 ):
     held, _ = version(0.95)
     crown_champion(MODEL, SPLIT)
@@ -414,7 +296,7 @@ def test_a_version_no_better_than_the_champion_is_decided_without_reading_versio
 
 
 def test_a_version_on_another_split_is_not_compared_without_reading_versions(
-    store, version, monkeypatch
+    client, version, monkeypatch
 ):
     held, _ = version(0.95)
     crown_champion(MODEL, SPLIT)
@@ -425,7 +307,7 @@ def test_a_version_on_another_split_is_not_compared_without_reading_versions(
     assert f"version {other}" in decision.note and "promote" in decision.note
 
 
-def test_a_better_version_is_decided_in_full(store, version, monkeypatch):
+def test_a_better_version_is_decided_in_full(client, version, monkeypatch):
     """Beating the champion, it reads every version: one registered meanwhile by a
     worker that has not decided yet may be better still."""
     version(0.90)
@@ -434,9 +316,9 @@ def test_a_better_version_is_decided_in_full(store, version, monkeypatch):
     mine, _ = version(0.97)
     reads = counting_version_reads(monkeypatch)
     alias_reads = []
-    real_alias = tracking.alias_version
+    real_alias = registry.alias_version
     monkeypatch.setattr(
-        tracking, "alias_version", lambda *a: alias_reads.append(a) or real_alias(*a)
+        registry, "alias_version", lambda *a: alias_reads.append(a) or real_alias(*a)
     )
     assert crown_champion(MODEL, SPLIT, candidate=mine, candidate_accuracy=0.97) == Champion(
         undecided
@@ -445,11 +327,11 @@ def test_a_better_version_is_decided_in_full(store, version, monkeypatch):
     assert len(alias_reads) == 2  # once before deciding, once to confirm what it set
 
 
-def test_an_invalid_champion_is_decided_in_full_even_for_a_worse_version(store, version):
+def test_an_invalid_champion_is_decided_in_full_even_for_a_worse_version(client, version):
     runner_up, _ = version(0.93)
     best, best_run = version(0.97)
     crown_champion(MODEL, SPLIT)
-    store.update_run(best_run, status="FAILED")  # its trial was taken over
+    client.update_run(best_run, status="FAILED")  # its trial was taken over
     worse, _ = version(0.80)
     decision = crown_champion(MODEL, SPLIT, candidate=worse, candidate_accuracy=0.80)
     assert decision == Champion(runner_up)
@@ -471,12 +353,12 @@ def timed_reads(monkeypatch) -> list[tuple[str, str, float]]:
 
         return read
 
-    monkeypatch.setattr(tracking, "alias_version", timed("alias", tracking.alias_version))
-    monkeypatch.setattr(tracking, "run_status", timed("run", tracking.run_status))
+    monkeypatch.setattr(registry, "alias_version", timed("alias", registry.alias_version))
+    monkeypatch.setattr(registry, "run_status", timed("run", registry.run_status))
     return events
 
 
-def test_the_champions_run_is_read_while_the_alias_is(store, version, monkeypatch):
+def test_the_champions_run_is_read_while_the_alias_is(client, version, monkeypatch):
     """A worker that saw the champion before reads its run's status at the same time as
     the alias (one round trip, not two, while the champion stays)."""
     held, _ = version(0.95)
@@ -493,7 +375,7 @@ def test_the_champions_run_is_read_while_the_alias_is(store, version, monkeypatc
     assert times["alias", "start"] < times["run", "end"]
 
 
-def test_a_champion_that_moved_has_its_own_run_read(store, version, monkeypatch):
+def test_a_champion_that_moved_has_its_own_run_read(client, version, monkeypatch):
     version(0.95)
     crown_champion(MODEL, SPLIT)
     seen, _ = version(0.90)
@@ -511,13 +393,13 @@ def test_a_champion_that_moved_has_its_own_run_read(store, version, monkeypatch)
     assert last_run_start > alias_end
 
 
-def test_a_champion_whose_run_failed_since_it_was_seen_is_replaced(store, version):
+def test_a_champion_whose_run_failed_since_it_was_seen_is_replaced(client, version):
     runner_up, _ = version(0.93)
     best, best_run = version(0.97)
     crown_champion(MODEL, SPLIT)
     seen, _ = version(0.90)
     crown_champion(MODEL, SPLIT, candidate=seen, candidate_accuracy=0.90)  # guesses best_run
-    store.update_run(best_run, status="FAILED")
+    client.update_run(best_run, status="FAILED")
     worse, _ = version(0.80)
     assert crown_champion(MODEL, SPLIT, candidate=worse, candidate_accuracy=0.80) == Champion(
         runner_up

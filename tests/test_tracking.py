@@ -1,9 +1,11 @@
-"""Unit tests for the run helpers of mnist_track.tracking that need no store."""
+"""Unit tests for mnist_track.tracking: runs and their end states, background logging,
+system metrics, experiments, stores, and filter strings built from user values."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ import time
 import pytest
 from conftest import REPO_ROOT
 
-from mnist_track import tracking
+from mnist_track import registry, tracking
 
 
 def test_git_commit_is_the_packages_checkout_wherever_the_process_runs(tmp_path, monkeypatch):
@@ -321,3 +323,120 @@ def test_datasets_lost_to_another_workers_insert_are_logged_again(
         assert names == {split.name for split in small_splits.lineage}
     else:
         assert run.info.status == "FAILED"
+
+
+# --- experiments and stores ------------------------------------------------------------
+
+
+@pytest.fixture
+def experiment_id(client):
+    return tracking.ensure_experiment("tracking-tests")
+
+
+def test_ensure_experiment_returns_the_same_id(client):
+    first = tracking.ensure_experiment("repeat")
+    assert tracking.ensure_experiment("repeat") == first
+    assert client.get_experiment_by_name("repeat").experiment_id == first
+    assert tracking.ensure_experiment("another") != first
+
+
+def test_experiments_open_on_their_runs_in_the_mlflow_ui(client):
+    made = tracking.ensure_experiment("fresh")
+    assert client.get_experiment(made).tags["mlflow.experimentKind"] == "custom_model_development"
+    # One made before (or by hand) gets the kind; a kind someone chose is kept.
+    older = client.create_experiment("older")
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    tracking.ensure_experiment("older"), tracking.ensure_experiment("chosen")
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_ensure_experiment_never_returns_a_deleted_experiment(client):
+    deleted = tracking.ensure_experiment("deleted-in-the-ui")
+    client.delete_experiment(deleted)
+    try:
+        found = tracking.ensure_experiment("deleted-in-the-ui")
+    except tracking.TrackingError as error:
+        assert "deleted-in-the-ui" in str(error)  # refusing, by name, is fine too
+        return
+    assert client.get_experiment(found).lifecycle_stage == "active"
+
+
+@pytest.mark.parametrize(
+    ("uri", "local"),
+    [
+        ("sqlite:///x", True),
+        ("sqlite:////abs/mlflow.db", True),
+        ("file:///x", True),
+        ("./mlruns", True),
+        ("mlruns", True),
+        ("/abs/mlruns", True),
+        ("http://h", False),
+        ("https://mlflow.example.com", False),
+        ("postgresql://h", False),
+        ("mysql+pymysql://u:p@h/db", False),
+        ("databricks://profile", False),
+    ],
+)
+def test_is_local_store(uri, local):
+    assert tracking.is_local_store(uri) is local
+
+
+def test_the_databricks_uri_is_not_a_local_store():
+    assert tracking.is_local_store("databricks") is False
+
+
+# --- filter strings built from user values ---------------------------------------------
+
+# MLflow's filter parser strips a value's quotes and unescapes nothing, so each of these
+# needs its own treatment (the other quote, or LIKE and an exact check).
+AWKWARD = {
+    "single-quote": "bob's study",
+    "double-quote": 'say "hi"',
+    "both-quotes": "both ' and \"",
+    "backslash": "back\\slash",
+    "trailing-backslash": "ends in \\",
+    "like-wildcards": "100%_done",
+}
+
+
+def near_miss(value: str) -> str:
+    """A different value that a LIKE pattern made from `value` would also match."""
+    return re.sub(r"['\"\\\\%_]", "x", value)
+
+
+@pytest.mark.parametrize("value", AWKWARD.values(), ids=AWKWARD.keys())
+def test_runs_are_found_by_a_tag_value_with_quotes(client, experiment_id, value):
+    wanted = client.create_run(experiment_id, tags={"optuna.study": value}).info.run_id
+    client.create_run(experiment_id, tags={"optuna.study": near_miss(value)})
+    found = tracking.runs_tagged(["tracking-tests"], {"optuna.study": value})
+    assert [run.info.run_id for run in found] == [wanted]
+
+
+@pytest.mark.parametrize("value", AWKWARD.values(), ids=AWKWARD.keys())
+def test_versions_are_found_by_a_model_name_with_quotes(client, experiment_id, value):
+    for name in (value, near_miss(value)):
+        run_id = client.create_run(experiment_id).info.run_id
+        model = client.create_logged_model(experiment_id, source_run_id=run_id)
+        registry.register_version(f"models:/{model.model_id}", name, run_id, {"accuracy": 0.5})
+    assert [(v.name, str(v.version)) for v in registry.versions_of(value)] == [(value, "1")]
+
+
+# --- opening a store -------------------------------------------------------------------
+
+
+def test_a_missing_local_store_is_named(tmp_path):
+    (tmp_path / "there.db").touch()
+    assert tracking.missing_local_store(f"sqlite:///{tmp_path}/there.db") is None
+    assert tracking.missing_local_store(f"sqlite:///{tmp_path}/typo.db") == f"{tmp_path}/typo.db"
+    assert tracking.missing_local_store(f"file://{tmp_path}/mlrunz") == f"{tmp_path}/mlrunz"
+    assert tracking.missing_local_store(str(tmp_path / "mlrunz")) == f"{tmp_path}/mlrunz"
+    for elsewhere in ("sqlite://", "http://127.0.0.1:9", "postgresql://h/db"):
+        assert tracking.missing_local_store(elsewhere) is None
+
+
+def test_reading_a_store_that_does_not_exist_creates_nothing(tracking_uri, tmp_path):
+    typo = tmp_path / "typo.db"
+    with pytest.raises(tracking.TrackingError, match=f"no MLflow tracking store at {typo}"):
+        tracking.use_tracking_uri(f"sqlite:///{typo}", create=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
