@@ -58,24 +58,31 @@ def tracked_study(study_config, splits):
     return watch.seconds, result.study, records, cpu.seconds
 
 
-def replay_untracked(study, study_config, splits) -> tuple[float, int, float]:
+def replay_untracked(study, study_config, splits, threads: int | None = None):
     """Seconds to train and test-evaluate each finished trial's config for the epochs it
     ran (pruned trials stop early), with plain fit: no MLflow, no Optuna; how many; and
-    the CPU seconds it took."""
+    the CPU seconds it took. `threads`: torch's intra-op threads for the replay (default:
+    as the tracked side ran)."""
     import optuna
+    import torch
 
     from mnist_track.metrics import classification_report
     from mnist_track.train import fit, predict_logits
     from mnist_track.tune import suggest_config
 
     trials = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
-    with Stopwatch() as watch, CpuClock() as cpu:
-        for trial in trials:
-            config = suggest_config(optuna.trial.FixedTrial(trial.params), study_config)
-            config = config.model_copy(update={"epochs": len(trial.intermediate_values)})
-            result = fit(config, splits)
-            logits = predict_logits(result.model, splits.test.images)
-            classification_report(logits, splits.test.labels)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)
+    try:
+        with Stopwatch() as watch, CpuClock() as cpu:
+            for trial in trials:
+                config = suggest_config(optuna.trial.FixedTrial(trial.params), study_config)
+                config = config.model_copy(update={"epochs": len(trial.intermediate_values)})
+                result = fit(config, splits)
+                logits = predict_logits(result.model, splits.test.images)
+                classification_report(logits, splits.test.labels)
+    finally:
+        torch.set_num_threads(default_threads)
     return watch.seconds, len(trials), cpu.seconds
 
 
@@ -91,6 +98,13 @@ def fixed_costs(records) -> dict[str, list[float]]:
         if record.outcome in ("finished", "TrialPruned"):
             costs[kind].append(record.seconds - shared)
     return costs
+
+
+def training_seconds(records) -> float:
+    """Seconds the tracked study's runs spent on the work the untracked side does."""
+    return sum(
+        r.phases.get(name, 0.0) for r in records if r.kind == "run" for name in UNTRACKED_PHASES
+    )
 
 
 def study_overheads(records, n_trials: int) -> dict[str, float]:
@@ -118,7 +132,9 @@ def run(context: Context) -> list[Figure]:
     log("study: warming up MLflow (one tiny tracked run)")
     plots.start_figure_worker(study_plots.PRELOAD)  # as `mnist-track tune` does first
     warm_up_mlflow(context)
-    measured = interleaved_pairs(study_config, splits, 1 if context.quick else REPEATS)
+    measured = interleaved_pairs(
+        study_config, splits, 1 if context.quick else REPEATS, one_thread=True
+    )
     result = figures(context, study_config, *measured)
     overrides = {"n_trials": 2, "train.epochs": 1} if context.quick else {}
     full_config, full_splits = _load(FULL_CONFIG, {"n_trials": FULL_TRIALS} | overrides, context)
@@ -143,10 +159,11 @@ def _load(path, overrides, context: Context):
     return study_config, splits
 
 
-def interleaved_pairs(study_config, splits, repeats: int):
+def interleaved_pairs(study_config, splits, repeats: int, one_thread: bool = False):
     """`repeats` pairs of the study tracked, then its trials untracked: per pair the
     trials per minute of both sides, the timing records, (trials, wall seconds tracked,
-    untracked) and the CPU seconds of both sides."""
+    untracked, untracked on one torch thread or None) and the CPU seconds of both sides.
+    `one_thread`: each pair also replays the trials untracked on one torch thread."""
     pairs, all_records, counts, cpu = [], [], [], []
     for index in range(repeats):
         name = f"{study_config.n_trials} trials of {study_config.study_name}"
@@ -155,10 +172,14 @@ def interleaved_pairs(study_config, splits, repeats: int):
         log(f"study: the same trials untracked ({index + 1})")
         untracked, replayed, untracked_cpu = replay_untracked(study, study_config, splits)
         cpu.append((tracked_cpu, untracked_cpu))
+        single = None
+        if one_thread:
+            log(f"study: the same trials untracked on one torch thread ({index + 1})")
+            single = replay_untracked(study, study_config, splits, threads=1)[0]
         ran = sum(r.kind == "run" for r in records)
         pairs.append((ran / (wall / 60), replayed / (untracked / 60)))
         all_records.append(records)
-        counts.append((ran, wall, untracked))
+        counts.append((ran, wall, untracked, single))
     return pairs, all_records, counts, cpu
 
 
@@ -170,7 +191,7 @@ def figures(context, study_config, pairs, all_records, counts, cpu) -> list[Figu
     runs = [r for records in all_records for r in records if r.kind == "run"]
     completed = [r for r in runs if r.outcome == "finished"]
     pruned = [r for r in runs if r.outcome == "TrialPruned"]
-    ran, wall, untracked_seconds = counts[len(counts) // 2]
+    ran, wall, untracked_seconds, _ = counts[len(counts) // 2]
     quick = context.quick
     result = [
         _per_minute_figure(
@@ -185,6 +206,8 @@ def figures(context, study_config, pairs, all_records, counts, cpu) -> list[Figu
             f"beforehand) vs {untracked_seconds:.1f} s untracked",
         ),
         _cpu_figure(cpu, quick),
+        _one_thread_figure(counts, quick),
+        _outside_training_figure(counts, all_records, quick),
         _cost_figure("completed", costs["completed"], 0.25, quick),
         _cost_figure("pruned", costs["pruned"], 0.05, quick),
     ]
@@ -220,7 +243,7 @@ def figures(context, study_config, pairs, all_records, counts, cpu) -> list[Figu
 def full_size_figure(context, study_config, pairs, all_records, counts) -> Figure:
     """The same measure on a study whose trials train for seconds: the fixed costs that
     quick.yaml's 0.4 s trials cannot carry, spread over full-size trials."""
-    ran, wall, untracked_seconds = counts[len(counts) // 2]
+    ran, wall, untracked_seconds, _ = counts[len(counts) // 2]
     completed = sum(
         r.kind == "run" and r.outcome == "finished" for records in all_records for r in records
     )
@@ -280,14 +303,12 @@ def _cost_figure(label: str, values: list[float], target: float, quick: bool) ->
 
 
 def _cpu_figure(cpu: list[tuple[float, float]], quick: bool) -> Figure:
-    """CPU seconds of the two sides. Untracked training keeps the cores busy (CPU about
-    cores x wall), so unless part of that is not useful work, the trials-per-minute
-    ratio cannot exceed this one, however tracking were overlapped with training."""
+    """CPU seconds of the two sides: what tracking adds in CPU, beside what it adds in
+    time. Not a ceiling of the trials-per-minute ratio: the untracked side's CPU is not
+    all useful work (`_one_thread_figure`)."""
     tracked = statistics.median(t for t, _ in cpu)
     untracked = statistics.median(u for _, u in cpu)
     ratios = [u / t for t, u in cpu]
-    cores = os.cpu_count() or 1
-    budget = untracked / 0.75 - untracked  # the tracking CPU that 0.75x would allow
     return Figure(
         NAME,
         "CPU time of the tracked study (its process and figure workers)",
@@ -301,11 +322,66 @@ def _cpu_figure(cpu: list[tuple[float, float]], quick: bool) -> Figure:
         estimate=quick,
         note=(
             f"median of {len(cpu)} interleaved pairs, ratio spread {spread(ratios, 'x')}; "
-            f"user + system seconds of all threads. Untracked training keeps the {cores} "
-            "cores busy, so unless part of its CPU is not useful work (2 torch threads "
-            "are not twice as fast as one), this is the ceiling of the trials-per-minute "
-            "ratio here, however tracking overlapped training: 0.75x would need the "
-            f"study's tracking within {budget:.1f} CPU seconds (it takes "
-            f"{tracked - untracked:.1f})"
+            "user + system seconds of all threads; tracking adds "
+            f"{tracked - untracked:.1f} CPU seconds. The untracked side keeps "
+            f"{os.cpu_count() or 1} cores busy, but not with useful work alone (the "
+            "one-thread figure), so this is no ceiling of the trials-per-minute ratio"
+        ),
+    )
+
+
+def _one_thread_figure(counts, quick: bool) -> Figure:
+    """The untracked trials on one torch thread against the default: how much of the
+    untracked side's CPU the second thread turns into speed on these small MLPs."""
+    pairs = [(single, untracked) for _, _, untracked, single in counts if single]
+    ratios = [single / untracked for single, untracked in pairs]
+    return Figure(
+        NAME,
+        "the same trials untracked, one torch thread",
+        statistics.median(single for single, _ in pairs),
+        "s",
+        reference="untracked, default threads",
+        reference_value=statistics.median(untracked for _, untracked in pairs),
+        reference_unit="s",
+        ratio=statistics.median(ratios),
+        ratio_of="one thread / default, wall time",
+        estimate=quick,
+        note=(
+            f"median of {len(pairs)} replays, one in each pair, ratio spread "
+            f"{spread(ratios, 'x')}; a ratio near 1x says the second thread's CPU is "
+            "mostly waiting: tracking work could have that core, and the time the tracked "
+            "study spends outside training is what sets its trials per minute"
+        ),
+    )
+
+
+def _outside_training_figure(counts, all_records, quick: bool) -> Figure:
+    """The tracked study's wall time less its runs' fit and test evaluation, against what
+    0.75x trials per minute would leave for it: the untracked wall time / 0.75 less the
+    tracked study's own training time."""
+    outside, budgets = [], []
+    for (_, wall, untracked, _), records in zip(counts, all_records, strict=True):
+        training = training_seconds(records)
+        outside.append(wall - training)
+        budgets.append(untracked / 0.75 - training)
+    middle = len(outside) // 2
+    return Figure(
+        NAME,
+        "tracked study: time outside training (fit and test evaluation)",
+        statistics.median(outside),
+        "s",
+        reference="what 0.75x would leave for it",
+        reference_value=statistics.median(budgets),
+        reference_unit="s",
+        ratio=statistics.median(o / b for o, b in zip(outside, budgets, strict=True)),
+        ratio_of="taken / left",
+        estimate=quick,
+        note=(
+            f"median of {len(outside)} tracked studies, spread {spread(outside, ' s')}; "
+            "tracked wall time less its runs' fit and test evaluation phases, i.e. the "
+            "fixed costs of its trials and the study's own work below; what 0.75x leaves: "
+            f"the untracked wall time / 0.75 less that training time (a middle study: "
+            f"{counts[middle][1]:.1f} s in all, {training_seconds(all_records[middle]):.1f}"
+            " s of it training)"
         ),
     )
