@@ -11,8 +11,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from mnist_track import console
+from mnist_track.reconciliation import Reconciled
 from mnist_track.registry import Champion
-from mnist_track.tune import Reconciled
 
 LR = {"lr": FloatDistribution(1e-4, 1e-1, log=True)}
 

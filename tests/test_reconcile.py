@@ -1,4 +1,4 @@
-"""Unit tests for the decisions behind mnist_track.tune.reconcile (`_verdict`,
+"""Unit tests for the decisions behind mnist_track.reconciliation.reconcile (`_verdict`,
 `_version_belongs`), the trial count, the sampler's seeds and the study storage URL.
 Trials are FrozenTrial objects and runs/versions plain stand-ins: no store is touched."""
 
@@ -13,12 +13,10 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from mnist_track.config import StopConfig, StudyConfig
+from mnist_track.reconciliation import _verdict, _version_belongs
+from mnist_track.study_links import ERROR_ATTR, RUN_ID_ATTR
 from mnist_track.tune import (
-    ERROR_ATTR,
-    RUN_ID_ATTR,
     StudyError,
-    _verdict,
-    _version_belongs,
     counted,
     default_storage_url,
     make_sampler,

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from mnist_track import tune
 from mnist_track.config import CategoricalParam, FloatParam, StudyConfig, TrainConfig
-from mnist_track.tune import ERROR_ATTR, Objective, counted
+from mnist_track.study_links import ERROR_ATTR, WARM_START_ATTR
+from mnist_track.tune import Objective, counted
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -161,5 +162,5 @@ def test_warm_start_trials_are_queued_once_when_the_study_is_new():
     values = [trial.suggest_float("lr", 1e-3, 1e-2) for trial in asked]
     assert values[:2] == [2e-3, 5e-3]
     assert values[2] not in (2e-3, 5e-3)  # sampled: the warm start is used up
-    starts = [t.user_attrs.get(tune.WARM_START_ATTR) for t in study.get_trials()]
+    starts = [t.user_attrs.get(WARM_START_ATTR) for t in study.get_trials()]
     assert starts == [0, 1, None]
