@@ -224,7 +224,7 @@ BATCH_INTERVAL_SECONDS = 1.0
 _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-background")
 
 # Requests that need not wait for each other, sent at once: the files of a folder (a
-# model is 15 small files), the reads of a champion decision.
+# model is 15 small files) and a logged model's own requests while they upload.
 PARALLEL_REQUESTS = 4
 _parallel = ThreadPoolExecutor(max_workers=PARALLEL_REQUESTS, thread_name_prefix="mlflow-parallel")
 
@@ -733,7 +733,7 @@ def log_model(
     """Log the network as an MLflow pyfunc model of the active run (`log`'s): weights as
     safetensors, architecture as JSON, code as code (models-from-code plus this package),
     so nothing is pickled; `params` (the run's config) go onto the model's page. Returns
-    the model's URI; registering it is a separate, last step (`register_version`), once
+    the model's URI; registering it is a separate, last step (`registry.register_version`), once
     the run is complete.
 
     Returns once its files are uploaded; the model is marked READY in the background,
