@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from mnist_track import descriptions
 from mnist_track.defaults import CHAMPION_ALIAS
-from mnist_track.tracking import TrackingError, filter_equals, run_status
+from mnist_track.tracking import TrackingError, every_page, filter_equals, run_status
 
 VALIDATION_ACCURACY_TAG = "validation_accuracy"
 # Versions are comparable only when scored on the same validation images: a version
@@ -90,13 +90,10 @@ def delete_version(name: str, version: str) -> None:
 def versions_of(name: str, tags: Mapping[str, Any] | None = None) -> list:
     """Every version of a registered model (optionally only those with all `tags`)."""
     query = filter_equals("name", name)
-    versions, token = [], None
-    while True:
-        page = MlflowClient().search_model_versions(query, max_results=1000, page_token=token)
-        versions += page
-        token = page.token
-        if not token:
-            break
+    client = MlflowClient()
+    versions = every_page(
+        lambda token: client.search_model_versions(query, max_results=1000, page_token=token)
+    )
     wanted = {k: str(v) for k, v in (tags or {}).items()}
     return [
         v for v in versions if v.name == name and all(v.tags.get(k) == x for k, x in wanted.items())

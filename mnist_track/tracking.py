@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -662,6 +662,18 @@ def filter_equals(field: str, value: Any) -> str:
     return f"{field} LIKE '{_UNQUOTABLE.sub('_', text)}'"
 
 
+def every_page(search: Callable[[str | None], Any]) -> list:
+    """All results of an MLflow search, page after page: `search(page_token)` returns one
+    page (a PagedList, whose `token` names the next page, or is empty after the last)."""
+    results, token = [], None
+    while True:
+        page = search(token)
+        results += page
+        token = page.token
+        if not token:
+            return results
+
+
 def runs_tagged(experiments: list[str], tags: Mapping[str, Any]) -> list:
     """Every active run in the named experiments carrying all `tags`, oldest first."""
     client = MlflowClient()
@@ -670,13 +682,9 @@ def runs_tagged(experiments: list[str], tags: Mapping[str, Any]) -> list:
         return []
     wanted = {key: str(value) for key, value in tags.items()}
     query = " and ".join(filter_equals(f"tags.`{key}`", value) for key, value in wanted.items())
-    runs, token = [], None
-    while True:
-        page = client.search_runs(sorted(ids), query, max_results=1000, page_token=token)
-        runs += page
-        token = page.token
-        if not token:
-            break
+    runs = every_page(
+        lambda token: client.search_runs(sorted(ids), query, max_results=1000, page_token=token)
+    )
     runs = [run for run in runs if all(run.data.tags.get(k) == v for k, v in wanted.items())]
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 

@@ -440,3 +440,23 @@ def test_reading_a_store_that_does_not_exist_creates_nothing(tracking_uri, tmp_p
     with pytest.raises(tracking.TrackingError, match=f"no MLflow tracking store at {typo}"):
         tracking.use_tracking_uri(f"sqlite:///{typo}", create=False)
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+class Page(list):
+    """A stand-in for MLflow's PagedList: results and the next page's token."""
+
+    def __init__(self, items, token):
+        super().__init__(items)
+        self.token = token
+
+
+def test_every_page_follows_the_tokens_to_the_last_page():
+    pages = {None: Page([1, 2], "b"), "b": Page([3], "c"), "c": Page([], "d"), "d": Page([4], "")}
+    asked = []
+
+    def search(token):
+        asked.append(token)
+        return pages[token]
+
+    assert tracking.every_page(search) == [1, 2, 3, 4]
+    assert asked == [None, "b", "c", "d"]
