@@ -359,9 +359,9 @@ def _outside_training_figure(counts, all_records, quick: bool) -> Figure:
     """The tracked study's wall time less its runs' fit and test evaluation, against what
     0.75x trials per minute would leave for it: the untracked wall time / 0.75 less the
     tracked study's own training time."""
+    trainings = [training_seconds(records) for records in all_records]
     outside, budgets = [], []
-    for (_, wall, untracked, _), records in zip(counts, all_records, strict=True):
-        training = training_seconds(records)
+    for (_, wall, untracked, _), training in zip(counts, trainings, strict=True):
         outside.append(wall - training)
         budgets.append(untracked / 0.75 - training)
     middle = len(outside) // 2
@@ -381,7 +381,7 @@ def _outside_training_figure(counts, all_records, quick: bool) -> Figure:
             "tracked wall time less its runs' fit and test evaluation phases, i.e. the "
             "fixed costs of its trials and the study's own work below; what 0.75x leaves: "
             f"the untracked wall time / 0.75 less that training time (a middle study: "
-            f"{counts[middle][1]:.1f} s in all, {training_seconds(all_records[middle]):.1f}"
+            f"{counts[middle][1]:.1f} s in all, {trainings[middle]:.1f}"
             " s of it training)"
         ),
     )
