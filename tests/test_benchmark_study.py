@@ -24,7 +24,9 @@ def study_records() -> list[Record]:
 
 
 def test_training_is_the_fit_and_test_evaluation_of_the_runs_only():
-    assert training_seconds(study_records()) == pytest.approx(1.5 + 0.1 + 0.8 + 0.1 + 0.45)
+    # A phase of the same name in another kind of record is not a run's training.
+    records = [*study_records(), Record("warm-up", 7.0, {"fit": 7.0})]
+    assert training_seconds(records) == pytest.approx(1.5 + 0.1 + 0.8 + 0.1 + 0.45)
 
 
 def test_fixed_costs_are_each_run_less_its_training_by_how_it_ended():
