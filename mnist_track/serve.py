@@ -5,6 +5,7 @@ formats, the request timeout) is MLflow's; only the guard is ours."""
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 
 # Where the workers find the model: uvicorn starts each from an import string, so the
@@ -29,6 +30,14 @@ def serve(model_uri: str, host: str, port: int, workers: int) -> None:
     import uvicorn
     from mlflow.artifacts import download_artifacts
 
+    # SIGTERM is how services are stopped: a clean stop, exit 0. uvicorn's single-process
+    # server shuts down, then raises the signal again with the handler it found; left at
+    # the default, that would kill the process before the model's copy is removed.
+    signal.signal(signal.SIGTERM, _stop)
     with tempfile.TemporaryDirectory(prefix="mnist-track-serve-") as folder:
         os.environ[MODEL_PATH_ENV] = download_artifacts(artifact_uri=model_uri, dst_path=folder)
         uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, workers=workers)
+
+
+def _stop(signum, frame) -> None:
+    raise SystemExit(0)

@@ -7,10 +7,12 @@ test_serving_parsing.py) get a quick, short 4xx from the guard here."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import test_end_to_end as e2e
@@ -27,19 +29,20 @@ N_DIGITS = 20
 RIGHT_AT_LEAST = 16  # of 20: two epochs on 3,000 images score about 90%
 # The requests `mlflow models serve` answers before the model runs (strict xfails there).
 MLFLOW_CASES = {case.id: case.values[0] for case in HTTP_CASES if case.marks}
+MODEL_COPY = "mnist-track-serve-*"  # the model's local copy, in the server's TMPDIR
 GUARD_DOES_NOT_PARSE_CSV = pytest.mark.xfail(
     strict=True, reason="the guard passes CSV to MLflow unparsed: pandas' error reaches the client"
 )
 
 
-def start_serving(store, *options: str) -> tuple[subprocess.Popen, str]:
-    """`mnist-track serve models:/e2e-model@champion OPTIONS` on a free port, once it
-    answers /ping: (process, URL)."""
+def start_serving(store, temp_folder: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """`mnist-track serve models:/e2e-model@champion OPTIONS` on a free port, with
+    TEMP_FOLDER as its TMPDIR, once it answers /ping: (process, URL)."""
     port = e2e.free_port()
     process = subprocess.Popen(
         [str(BIN_DIR / "mnist-track"), "serve", f"models:/{e2e.MODEL}@champion"]
         + ["--port", str(port), *options],
-        env=cli_env(MLFLOW_TRACKING_URI=store["uri"]),
+        env=cli_env(MLFLOW_TRACKING_URI=store["uri"], TMPDIR=str(temp_folder)),
         cwd=store["folder"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -57,13 +60,24 @@ def start_serving(store, *options: str) -> tuple[subprocess.Popen, str]:
     pytest.fail(f"mnist-track serve did not answer /ping:\n{process.communicate()[0]}")
 
 
+def stop_serving(process: subprocess.Popen, temp_folder: Path) -> None:
+    """SIGTERM, as a service manager stops a server: it exits 0, and the model's local
+    copy in TEMP_FOLDER goes with it."""
+    copies = list(temp_folder.glob(MODEL_COPY))
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=60)[0]
+    assert len(copies) == 1, "the model's copy was not where the test looks"
+    assert process.returncode == 0, output[-3000:]
+    assert not list(temp_folder.glob(MODEL_COPY)), "the model's copy outlived the server"
+
+
 @pytest.fixture(scope="module")
-def guarded(store):
+def guarded(store, tmp_path_factory):
     """`mnist-track serve models:/e2e-model@champion` on a free port; its URL."""
-    process, url = start_serving(store)
+    temp_folder = tmp_path_factory.mktemp("serve-tmp")
+    process, url = start_serving(store, temp_folder)
     yield url
-    process.terminate()
-    process.wait(timeout=30)
+    stop_serving(process, temp_folder)
 
 
 @pytest.fixture(scope="module")
@@ -137,13 +151,13 @@ def test_server_still_answers_afterwards(guarded, digits):
     urllib.request.urlopen(f"{guarded}/ping", timeout=5).close()
 
 
-def test_several_workers_serve_and_all_stop_with_the_server(store, digits):
+def test_several_workers_serve_and_all_stop_with_the_server(store, digits, tmp_path):
     """--workers 2: uvicorn starts two worker processes on the downloaded model, requests
     are answered (and refused) as with one, and a SIGTERM to the server stops them all."""
     import psutil
 
     pixels, labels = digits
-    process, url = start_serving(store, "--workers", "2")
+    process, url = start_serving(store, tmp_path, "--workers", "2")
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -162,8 +176,9 @@ def test_several_workers_serve_and_all_stop_with_the_server(store, digits):
             assert status == 200 and right(answer, labels) >= RIGHT_AT_LEAST
         status, _ = post(url, b'{"inputs": [[1, true]]}', "application/json")
         assert status == 400  # the guard is in every worker
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    except BaseException:
+        process.kill()
+        raise
+    stop_serving(process, tmp_path)
     gone, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, "a serving worker outlived the server"
