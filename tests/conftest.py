@@ -21,6 +21,20 @@ def mnist_dir() -> Path:
     return Path(os.environ.get("MNIST_TRACK_DATA") or REPO_ROOT.parent / "shared" / "mnist")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temp_files_kept_with_the_run(tmp_path_factory):
+    """TMPDIR, for the tests and every process they start, is a folder of this run's
+    (pytest keeps the last three runs): the processes the tests kill on purpose cannot
+    remove their own temporary files, which would pile up in /tmp run after run."""
+    import tempfile
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
+    patch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     folder = mnist_dir()
