@@ -310,13 +310,21 @@ def predict(images, model_uri, output, tracking_uri) -> None:
         # code never runs here (a model we did not log is refused).
         from mnist_track.model_files import load_classifier
 
+        # `kill` as Ctrl-C: the model's temporary files and a partial output are removed.
+        interrupts = _stop_on_signals()
         classifier = load_classifier(model_uri)
         total = sum(source.count for source in sources)
         with (
             progress_bar(total, "scoring") as advance,
             batch_scoring.predictions_csv(output) as written,
         ):
-            batch_scoring.score(classifier, sources, written, on_error=report, on_progress=advance)
+            batch_scoring.score(
+                classifier,
+                sources,
+                written,
+                on_error=report,
+                on_progress=_checked(interrupts, advance),
+            )
         if not written.rows:
             raise nothing_read
     if errors:

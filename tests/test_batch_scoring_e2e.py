@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
 import struct
 import subprocess
+import time
 
 import mlflow
 import numpy as np
@@ -180,3 +182,32 @@ def test_predict_scores_an_idx_file_and_a_folder_into_a_csv(store, digits, expec
     assert [int(row["digit"]) for row in rows] == expected * 2
     for row in rows:
         assert sum(float(row[f"p{digit}"]) for digit in range(10)) == pytest.approx(1, abs=1e-4)
+
+
+def test_predict_stopped_by_sigterm_leaves_no_partial_output(store, tmp_path):
+    """SIGTERM (`kill`, a timeout, a scheduler) stops `predict -o` as Ctrl-C does: exit
+    130, and neither the output nor its partial file beside it is left behind."""
+    count = 100_000  # blank images: seconds of scoring, time enough to stop it midway
+    idx = tmp_path / "blank-idx3-ubyte"
+    idx.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">3I", count, 28, 28) + bytes(count * 784))
+    output = tmp_path / "blank.csv"
+    partial = tmp_path / ".blank.csv.partial"
+    process = subprocess.Popen(
+        [str(BIN_DIR / "mnist-track"), "predict", "-m", CHAMPION, str(idx), "-o", str(output)],
+        env=cli_env(MLFLOW_TRACKING_URI=store["uri"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not partial.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert partial.exists(), "predict never started writing its output"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr
+    assert not partial.exists() and not output.exists()
