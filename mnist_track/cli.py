@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import click
@@ -63,7 +63,8 @@ def domain_errors():
     except ConfigError as error:
         raise click.UsageError(expected_message(error)) from None
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        with suppress(OSError):  # after a SIGHUP, the terminal may be gone
+            click.echo("interrupted", err=True)
         sys.exit(130)
     except click.ClickException:
         raise

@@ -4,6 +4,7 @@ tmp_path. (tests/test_end_to_end.py runs the installed `mnist-track` as a subpro
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 
@@ -15,6 +16,7 @@ from stores import tiny_study
 
 from mnist_track import timings
 from mnist_track.cli import main
+from mnist_track.interrupts import SIGNALS
 
 TINY_TRAIN = (
     "--epochs", "1", "--train-limit", "1000", "--val-size", "500", "--test-limit", "500",
@@ -24,13 +26,14 @@ TINY_TRAIN = (
 
 @pytest.fixture
 def cli(tracking_uri, monkeypatch):
-    """invoke(*args) -> click's Result, in a fresh SQLite store; the SIGTERM handler that
-    train and tune install is put back afterwards."""
+    """invoke(*args) -> click's Result, in a fresh SQLite store; the signal handlers that
+    train, tune and predict install are put back afterwards."""
     monkeypatch.setenv("MNIST_TRACK_DATA", str(mnist_dir()))
     monkeypatch.delenv("MNIST_TRACK_STORAGE", raising=False)
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = {signum: signal.getsignal(signum) for signum in SIGNALS}
     yield lambda *args: CliRunner().invoke(main, list(args))
-    signal.signal(signal.SIGTERM, handler)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 def error_line(result) -> str:
@@ -191,3 +194,22 @@ def test_data_verifies_the_four_files(cli):
     result = cli("data", "--no-download")
     assert result.exit_code == 0, result.output
     assert result.output.count("sha256 verified") == 4
+
+
+class _HungUpTerminal:
+    """A terminal that went away with its SIGHUP: every write fails as a tty's does."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def flush(self) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_an_interrupt_exits_130_even_when_its_terminal_is_gone(monkeypatch):
+    from mnist_track.cli import domain_errors
+
+    monkeypatch.setattr(sys, "stderr", _HungUpTerminal())
+    with pytest.raises(SystemExit) as stopped, domain_errors():
+        raise KeyboardInterrupt
+    assert stopped.value.code == 130

@@ -10,15 +10,22 @@ import signal
 
 import pytest
 
-from mnist_track.interrupts import Interrupts
+from mnist_track.interrupts import SIGNALS, Interrupts
 
 
 @pytest.fixture
-def interrupts():
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield Interrupts().install()
+def restored_handlers():
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    # A SIGHUP left alone by the code under test then fails the test, not ends pytest.
+    signal.signal(signal.SIGHUP, lambda signum, frame: None)
+    yield
     for signum, handler in previous.items():
         signal.signal(signum, handler)
+
+
+@pytest.fixture
+def interrupts(restored_handlers):
+    return Interrupts().install()
 
 
 class _SignalsItselfWhenCollected:
@@ -40,9 +47,26 @@ def test_a_signal_dropped_in_a_destructor_is_raised_at_the_next_check(interrupts
         interrupts.check()
 
 
-def test_a_signal_raises_where_it_lands(interrupts):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # kill; terminal gone
+def test_a_signal_raises_where_it_lands(interrupts, signum):
     with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
         for _ in range(1000):  # the handler runs between bytecodes, soon after the kill
             pass
-    assert interrupts.received == signal.SIGTERM
+    assert interrupts.received == signum
+
+
+def test_a_signal_ignored_before_install_stays_ignored(restored_handlers):
+    """`nohup` starts the command with SIGHUP ignored, so that it outlives its terminal."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    interrupts = Interrupts().install()
+    assert signal.getsignal(signal.SIGTERM) == interrupts._handle
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(1000):
+            pass
+    except KeyboardInterrupt:
+        pytest.fail("an ignored SIGHUP interrupted the command")
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    assert interrupts.received is None
+    interrupts.check()  # nothing to raise

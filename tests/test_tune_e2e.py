@@ -562,11 +562,13 @@ def test_a_resume_within_the_grace_period_retries_the_killed_trial(store, tmp_pa
     assert_consistent(store, "hasty")
 
 
-def test_sigterm_mid_trial_ends_runs_killed(store, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["kill", "hangup"])
+def test_a_signal_mid_trial_ends_runs_killed(store, tmp_path, signum):
+    """`kill`, or the terminal going away (SIGHUP), stops the study as Ctrl-C does."""
     config = study_config(tmp_path, "stopped", n_trials=1, train=SLOW_TRAIN)
     process = start_tune(config, tmp_path)
     trial = wait_for_running_trial(store, "stopped", process, tmp_path, number=0)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     assert process.wait(timeout=60) == 130, output_of(tmp_path)
     assert "interrupted" in output_of(tmp_path)
 
