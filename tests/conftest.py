@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -118,6 +119,14 @@ def cli_env(**extra: str) -> dict[str, str]:
     env["MNIST_TRACK_DATA"] = str(mnist_dir())
     env.update(extra)
     return env
+
+
+def signals_as_from_a_terminal() -> None:
+    """A child's `preexec_fn`: Ctrl-C and hangup at their defaults, as for a command typed
+    in a terminal, even when this test run was started in the background or under nohup
+    (which ignore them, and a child inherits that)."""
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 600, cwd=None, **env: str):

@@ -16,8 +16,10 @@ from mnist_track.interrupts import SIGNALS, Interrupts
 @pytest.fixture
 def restored_handlers():
     previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
-    # A SIGHUP left alone by the code under test then fails the test, not ends pytest.
-    signal.signal(signal.SIGHUP, lambda signum, frame: None)
+    # Handled, not ignored, even when this run was started in the background or under
+    # nohup; and a signal left alone by the code under test fails the test, not pytest.
+    for signum in SIGNALS:
+        signal.signal(signum, lambda signum, frame: None)
     yield
     for signum, handler in previous.items():
         signal.signal(signum, handler)

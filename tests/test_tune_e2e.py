@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BIN_DIR, cli_env, run_cli
+from conftest import BIN_DIR, cli_env, run_cli, signals_as_from_a_terminal
 from stores import ROLE_TAG, RUN_ID_ATTR, Stores, tiny_study
 
 pytest_plugins = ["postgres"]
@@ -454,6 +454,7 @@ def start_tune(config: Path, folder: Path, *args: str, name: str = "tune") -> su
         stderr=stderr,
         env=cli_env(),
         text=True,
+        preexec_fn=signals_as_from_a_terminal,
     )
     stdout.close()
     stderr.close()
