@@ -121,6 +121,18 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def restored_signal_handlers():
+    """The handlers of the signals `Interrupts` takes (train, tune and predict install it),
+    put back after the test."""
+    from mnist_track.interrupts import SIGNALS
+
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
 def signals_as_from_a_terminal() -> None:
     """A child's `preexec_fn`: Ctrl-C and hangup at their defaults, as for a command typed
     in a terminal, even when this test run was started in the background or under nohup

@@ -5,7 +5,6 @@ tmp_path. (tests/test_end_to_end.py runs the installed `mnist-track` as a subpro
 from __future__ import annotations
 
 import errno
-import signal
 import sys
 
 import pytest
@@ -16,7 +15,6 @@ from stores import tiny_study
 
 from mnist_track import timings
 from mnist_track.cli import main
-from mnist_track.interrupts import SIGNALS
 
 TINY_TRAIN = (
     "--epochs", "1", "--train-limit", "1000", "--val-size", "500", "--test-limit", "500",
@@ -25,15 +23,12 @@ TINY_TRAIN = (
 
 
 @pytest.fixture
-def cli(tracking_uri, monkeypatch):
+def cli(tracking_uri, monkeypatch, restored_signal_handlers):
     """invoke(*args) -> click's Result, in a fresh SQLite store; the signal handlers that
     train, tune and predict install are put back afterwards."""
     monkeypatch.setenv("MNIST_TRACK_DATA", str(mnist_dir()))
     monkeypatch.delenv("MNIST_TRACK_STORAGE", raising=False)
-    handlers = {signum: signal.getsignal(signum) for signum in SIGNALS}
-    yield lambda *args: CliRunner().invoke(main, list(args))
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
+    return lambda *args: CliRunner().invoke(main, list(args))
 
 
 def error_line(result) -> str:

@@ -14,19 +14,15 @@ from mnist_track.interrupts import SIGNALS, Interrupts
 
 
 @pytest.fixture
-def restored_handlers():
-    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
-    # Handled, not ignored, even when this run was started in the background or under
-    # nohup; and a signal left alone by the code under test fails the test, not pytest.
+def signals_handled(restored_signal_handlers):
+    """Handled, not ignored, even when this run was started in the background or under
+    nohup; and a signal left alone by the code under test fails the test, not pytest."""
     for signum in SIGNALS:
         signal.signal(signum, lambda signum, frame: None)
-    yield
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
 
 
 @pytest.fixture
-def interrupts(restored_handlers):
+def interrupts(signals_handled):
     return Interrupts().install()
 
 
@@ -58,7 +54,7 @@ def test_a_signal_raises_where_it_lands(interrupts, signum):
     assert interrupts.received == signum
 
 
-def test_a_signal_ignored_before_install_stays_ignored(restored_handlers):
+def test_a_signal_ignored_before_install_stays_ignored(signals_handled):
     """`nohup` starts the command with SIGHUP ignored, so that it outlives its terminal."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     interrupts = Interrupts().install()
