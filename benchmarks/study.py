@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import tempfile
+from pathlib import Path
 
 from benchmarks.common import (
     REPO_ROOT,
@@ -86,6 +88,61 @@ def replay_untracked(study, study_config, splits, threads: int | None = None):
     return watch.seconds, len(trials), cpu.seconds
 
 
+def optuna_alone(study, study_config) -> tuple[float, float]:
+    """(seconds of Optuna's bookkeeping, seconds of its five plots) for the tracked study's
+    trials with no training and no MLflow: `replay_through_optuna` into a new SQLite
+    storage opened as `tune` opens one (heartbeats, write-ahead log), then the plots drawn
+    in the figure workers from the frozen trials, as the summary draws them. Any study
+    that keeps a storage it can resume and share, and these plots, pays at least this
+    outside training."""
+    from mnist_track import study_plots
+    from mnist_track.tune import open_storage
+
+    with tempfile.TemporaryDirectory(prefix="bench-optuna-") as folder:
+        with Stopwatch() as bookkeeping:
+            storage = open_storage(
+                f"sqlite:///{Path(folder) / 'optuna.db'}",
+                study_config.heartbeat_interval,
+                study_config.grace_period,
+            )
+            bare = replay_through_optuna(study, study_config, storage)
+        with Stopwatch() as plots:
+            study_plots.render_async(bare).pngs()
+        storage.engine.dispose()  # the file goes with the folder
+    return bookkeeping.seconds, plots.seconds
+
+
+def replay_through_optuna(study, study_config, storage):
+    """A new study in `storage` given the finished trials of `study` in order: each asked
+    (its parameters drawn by the study's sampler), its epochs reported with a pruning
+    check each, and told how it ended. Optuna's work for those trials, alone."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from mnist_track.tune import make_pruner, make_sampler, suggest_config
+
+    bare = optuna.create_study(
+        study_name=study_config.study_name,
+        storage=storage,
+        direction="maximize",
+        sampler=make_sampler(study_config, 0),
+        pruner=make_pruner(study_config),
+    )
+    for finished in study.get_trials(deepcopy=False):
+        if not finished.state.is_finished():
+            continue
+        trial = bare.ask()
+        suggest_config(trial, study_config)
+        for step, value in sorted(finished.intermediate_values.items()):
+            trial.report(value, step)
+            trial.should_prune()
+        if finished.state == TrialState.COMPLETE:
+            bare.tell(trial, finished.value)
+        else:
+            bare.tell(trial, state=finished.state)
+    return bare
+
+
 def fixed_costs(records) -> dict[str, list[float]]:
     """Per trial, the seconds of its run beyond the work the untracked side does too,
     by how the trial ended."""
@@ -133,12 +190,12 @@ def run(context: Context) -> list[Figure]:
     plots.start_figure_worker(study_plots.PRELOAD)  # as `mnist-track tune` does first
     warm_up_mlflow(context)
     measured = interleaved_pairs(
-        study_config, splits, 1 if context.quick else REPEATS, one_thread=True
+        study_config, splits, 1 if context.quick else REPEATS, explain=True
     )
     result = figures(context, study_config, *measured)
     overrides = {"n_trials": 2, "train.epochs": 1} if context.quick else {}
     full_config, full_splits = _load(FULL_CONFIG, {"n_trials": FULL_TRIALS} | overrides, context)
-    pairs, records, counts, _ = interleaved_pairs(
+    pairs, records, counts, _, _ = interleaved_pairs(
         full_config, full_splits, 1 if context.quick else FULL_REPEATS
     )
     result.append(full_size_figure(context, full_config, pairs, records, counts))
@@ -159,12 +216,13 @@ def _load(path, overrides, context: Context):
     return study_config, splits
 
 
-def interleaved_pairs(study_config, splits, repeats: int, one_thread: bool = False):
+def interleaved_pairs(study_config, splits, repeats: int, explain: bool = False):
     """`repeats` pairs of the study tracked, then its trials untracked: per pair the
     trials per minute of both sides, the timing records, (trials, wall seconds tracked,
-    untracked, untracked on one torch thread or None) and the CPU seconds of both sides.
-    `one_thread`: each pair also replays the trials untracked on one torch thread."""
-    pairs, all_records, counts, cpu = [], [], [], []
+    untracked, untracked on one torch thread or None), the CPU seconds of both sides and
+    Optuna's own seconds (`optuna_alone`, or None). `explain`: each pair also replays the
+    trials untracked on one torch thread, and through Optuna alone."""
+    pairs, all_records, counts, cpu, floors = [], [], [], [], []
     for index in range(repeats):
         name = f"{study_config.n_trials} trials of {study_config.study_name}"
         log(f"study: {name}, tracked ({index + 1})")
@@ -172,18 +230,21 @@ def interleaved_pairs(study_config, splits, repeats: int, one_thread: bool = Fal
         log(f"study: the same trials untracked ({index + 1})")
         untracked, replayed, untracked_cpu = replay_untracked(study, study_config, splits)
         cpu.append((tracked_cpu, untracked_cpu))
-        single = None
-        if one_thread:
+        single = floor = None
+        if explain:
             log(f"study: the same trials untracked on one torch thread ({index + 1})")
             single = replay_untracked(study, study_config, splits, threads=1)[0]
+            log(f"study: the same trials through Optuna alone ({index + 1})")
+            floor = optuna_alone(study, study_config)
         ran = sum(r.kind == "run" for r in records)
         pairs.append((ran / (wall / 60), replayed / (untracked / 60)))
         all_records.append(records)
         counts.append((ran, wall, untracked, single))
-    return pairs, all_records, counts, cpu
+        floors.append(floor)
+    return pairs, all_records, counts, cpu, floors
 
 
-def figures(context, study_config, pairs, all_records, counts, cpu) -> list[Figure]:
+def figures(context, study_config, pairs, all_records, counts, cpu, floors) -> list[Figure]:
     costs: dict[str, list[float]] = {"completed": [], "pruned": []}
     for records in all_records:
         for kind, values in fixed_costs(records).items():
@@ -208,6 +269,7 @@ def figures(context, study_config, pairs, all_records, counts, cpu) -> list[Figu
         _cpu_figure(cpu, quick),
         _one_thread_figure(counts, quick),
         _outside_training_figure(counts, all_records, quick),
+        _optuna_floor_figure(counts, all_records, floors, quick),
         _cost_figure("completed", costs["completed"], 0.25, quick),
         _cost_figure("pruned", costs["pruned"], 0.05, quick),
     ]
@@ -355,15 +417,22 @@ def _one_thread_figure(counts, quick: bool) -> Figure:
     )
 
 
+def _budgets(counts, all_records) -> list[float]:
+    """Per pair, what 0.75x trials per minute would leave for all the tracked study's work
+    outside training: the untracked wall time / 0.75 less the tracked study's own fit and
+    test evaluation."""
+    trainings = [training_seconds(records) for records in all_records]
+    return [untracked / 0.75 - training
+            for (_, _, untracked, _), training in zip(counts, trainings, strict=True)]  # fmt: skip
+
+
 def _outside_training_figure(counts, all_records, quick: bool) -> Figure:
     """The tracked study's wall time less its runs' fit and test evaluation, against what
-    0.75x trials per minute would leave for it: the untracked wall time / 0.75 less the
-    tracked study's own training time."""
+    0.75x trials per minute would leave for it (`_budgets`)."""
     trainings = [training_seconds(records) for records in all_records]
-    outside, budgets = [], []
-    for (_, wall, untracked, _), training in zip(counts, trainings, strict=True):
-        outside.append(wall - training)
-        budgets.append(untracked / 0.75 - training)
+    outside = [wall - training
+               for (_, wall, _, _), training in zip(counts, trainings, strict=True)]  # fmt: skip
+    budgets = _budgets(counts, all_records)
     middle = len(outside) // 2
     return Figure(
         NAME,
@@ -383,5 +452,34 @@ def _outside_training_figure(counts, all_records, quick: bool) -> Figure:
             f"the untracked wall time / 0.75 less that training time (a middle study: "
             f"{counts[middle][1]:.1f} s in all, {trainings[middle]:.1f}"
             " s of it training)"
+        ),
+    )
+
+
+def _optuna_floor_figure(counts, all_records, floors, quick: bool) -> Figure:
+    """Optuna's own work for the same trials (`optuna_alone`) against what 0.75x would
+    leave for all the work outside training: a ratio above 1x says no tracking, however
+    cheap, can reach 0.75x while the study keeps its storage and its plots."""
+    budgets = _budgets(counts, all_records)
+    totals = [sum(floor) for floor in floors]
+    middle = len(floors) // 2
+    return Figure(
+        NAME,
+        "Optuna alone: the same trials' ask/report/tell on SQLite, then its 5 plots",
+        statistics.median(totals),
+        "s",
+        reference="what 0.75x would leave for all work outside training",
+        reference_value=statistics.median(budgets),
+        reference_unit="s",
+        ratio=statistics.median(t / b for t, b in zip(totals, budgets, strict=True)),
+        ratio_of="Optuna alone / left",
+        estimate=quick,
+        note=(
+            f"median of {len(totals)} replays, one in each pair, spread "
+            f"{spread(totals, ' s')}; no training, no MLflow: a new SQLite storage opened "
+            "as tune opens one (heartbeats, write-ahead log), each trial asked (sampled), "
+            "its epochs reported with a pruning check, told; then the five plots drawn by "
+            f"the two figure workers (a middle replay: {floors[middle][0]:.2f} s of "
+            f"ask/report/tell, {floors[middle][1]:.2f} s of plots)"
         ),
     )

@@ -1,12 +1,24 @@
 """Unit tests for the arithmetic of benchmarks/study.py, on timing records made by hand:
-what counts as a trial's fixed cost and what is left of a study outside training."""
+what counts as a trial's fixed cost and what is left of a study outside training; and
+the replay of a study's trials through Optuna alone, on a real SQLite storage."""
 
 from __future__ import annotations
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 
-from benchmarks.study import _outside_training_figure, fixed_costs, training_seconds
+from benchmarks.common import REPO_ROOT
+from benchmarks.study import (
+    _optuna_floor_figure,
+    _outside_training_figure,
+    fixed_costs,
+    replay_through_optuna,
+    training_seconds,
+)
+from mnist_track.config import load_study_config
 from mnist_track.timings import Record
+from mnist_track.tune import open_storage
 
 
 def run(seconds: float, fit: float, test: float, outcome: str = "finished") -> Record:
@@ -43,3 +55,41 @@ def test_time_outside_training_is_held_against_what_three_quarters_speed_leaves(
     assert figure.value == pytest.approx(5.0 - 2.95)
     assert figure.reference_value == pytest.approx(4.0 / 0.75 - 2.95)
     assert figure.ratio == pytest.approx((5.0 - 2.95) / (4.0 / 0.75 - 2.95))
+
+
+def test_optuna_alone_is_held_against_the_same_budget():
+    records = study_records()  # 2.95 s of training; 0.75x leaves 4.0 / 0.75 - 2.95 s
+    counts = [(3, 5.0, 4.0, None)]
+    figure = _optuna_floor_figure(counts, [records], [(0.25, 0.5)], quick=True)
+    assert figure.value == pytest.approx(0.75)
+    assert figure.reference_value == pytest.approx(4.0 / 0.75 - 2.95)
+    assert figure.ratio == pytest.approx(0.75 / (4.0 / 0.75 - 2.95))
+
+
+def test_the_replay_through_optuna_alone_gives_optuna_the_same_trials(tmp_path):
+    # A study as a tracked one leaves it: complete and pruned trials with their epochs,
+    # and a failed one that Optuna never saw report (it is replayed as failed too).
+    config = load_study_config(REPO_ROOT / "experiments" / "quick.yaml", {})
+    source = optuna.create_study(direction="maximize")
+    epochs = {0: [0.90, 0.95, 0.97], 1: [0.80], 2: [0.91, 0.96, 0.98], 3: []}
+    states = [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE, TrialState.FAIL]
+    for number, state in enumerate(states):
+        trial = source.ask()
+        for step, value in enumerate(epochs[number]):
+            trial.report(value, step)
+        source.tell(trial, epochs[number][-1] if state == TrialState.COMPLETE else None,
+                    state=state)  # fmt: skip
+    source.ask()  # a trial still running is not Optuna's finished work: left out
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", 5, 20)
+    replay = replay_through_optuna(source, config, storage)
+
+    stored = optuna.load_study(study_name=config.study_name, storage=storage)
+    trials = stored.get_trials()
+    assert [t.state for t in trials] == states
+    # Optuna gives a pruned trial its last epoch's value, in the replay as in the source.
+    assert [t.value for t in trials] == [0.97, 0.80, 0.98, None]
+    assert [list(t.intermediate_values.values()) for t in trials] == list(epochs.values())
+    assert set(trials[0].params) >= {"dropout", "lr"}  # drawn by the study's sampler
+    assert replay.best_value == 0.98
+    storage.engine.dispose()
