@@ -432,27 +432,18 @@ def _outside_training_figure(counts, all_records, quick: bool) -> Figure:
     trainings = [training_seconds(records) for records in all_records]
     outside = [wall - training
                for (_, wall, _, _), training in zip(counts, trainings, strict=True)]  # fmt: skip
-    budgets = _budgets(counts, all_records)
     middle = len(outside) // 2
-    return Figure(
-        NAME,
+    return _budget_figure(
         "tracked study: time outside training (fit and test evaluation)",
-        statistics.median(outside),
-        "s",
-        reference="what 0.75x would leave for it",
-        reference_value=statistics.median(budgets),
-        reference_unit="s",
-        ratio=statistics.median(o / b for o, b in zip(outside, budgets, strict=True)),
-        ratio_of="taken / left",
-        estimate=quick,
-        note=(
-            f"median of {len(outside)} tracked studies, spread {spread(outside, ' s')}; "
-            "tracked wall time less its runs' fit and test evaluation phases, i.e. the "
-            "fixed costs of its trials and the study's own work below; what 0.75x leaves: "
-            f"the untracked wall time / 0.75 less that training time (a middle study: "
-            f"{counts[middle][1]:.1f} s in all, {trainings[middle]:.1f}"
-            " s of it training)"
-        ),
+        outside,
+        _budgets(counts, all_records),
+        ("what 0.75x would leave for it", "taken / left"),
+        quick,
+        f"median of {len(outside)} tracked studies, spread {spread(outside, ' s')}; "
+        "tracked wall time less its runs' fit and test evaluation phases, i.e. the "
+        "fixed costs of its trials and the study's own work below; what 0.75x leaves: "
+        f"the untracked wall time / 0.75 less that training time (a middle study: "
+        f"{counts[middle][1]:.1f} s in all, {trainings[middle]:.1f} s of it training)",
     )
 
 
@@ -460,26 +451,39 @@ def _optuna_floor_figure(counts, all_records, floors, quick: bool) -> Figure:
     """Optuna's own work for the same trials (`optuna_alone`) against what 0.75x would
     leave for all the work outside training: a ratio above 1x says no tracking, however
     cheap, can reach 0.75x while the study keeps its storage and its plots."""
-    budgets = _budgets(counts, all_records)
     totals = [sum(floor) for floor in floors]
-    middle = len(floors) // 2
+    bookkeeping, plots = floors[len(floors) // 2]
+    return _budget_figure(
+        "Optuna alone: the same trials' ask/report/tell on SQLite, then its 5 plots",
+        totals,
+        _budgets(counts, all_records),
+        ("what 0.75x would leave for all work outside training", "Optuna alone / left"),
+        quick,
+        f"median of {len(totals)} replays, one in each pair, spread "
+        f"{spread(totals, ' s')}; no training, no MLflow: a new SQLite storage opened "
+        "as tune opens one (heartbeats, write-ahead log), each trial asked (sampled), "
+        "its epochs reported with a pruning check, told; then the five plots drawn by "
+        f"the two figure workers (a middle replay: {bookkeeping:.2f} s of "
+        f"ask/report/tell, {plots:.2f} s of plots)",
+    )
+
+
+def _budget_figure(
+    title: str, taken: list[float], budgets: list[float], labels, quick: bool, note: str
+) -> Figure:
+    """Seconds `taken` in each pair against what 0.75x left in it (`budgets`): the
+    medians, and the median of the pairs' ratios. `labels`: (the reference, the ratio)."""
+    reference, ratio_of = labels
     return Figure(
         NAME,
-        "Optuna alone: the same trials' ask/report/tell on SQLite, then its 5 plots",
-        statistics.median(totals),
+        title,
+        statistics.median(taken),
         "s",
-        reference="what 0.75x would leave for all work outside training",
+        reference=reference,
         reference_value=statistics.median(budgets),
         reference_unit="s",
-        ratio=statistics.median(t / b for t, b in zip(totals, budgets, strict=True)),
-        ratio_of="Optuna alone / left",
+        ratio=statistics.median(t / b for t, b in zip(taken, budgets, strict=True)),
+        ratio_of=ratio_of,
         estimate=quick,
-        note=(
-            f"median of {len(totals)} replays, one in each pair, spread "
-            f"{spread(totals, ' s')}; no training, no MLflow: a new SQLite storage opened "
-            "as tune opens one (heartbeats, write-ahead log), each trial asked (sampled), "
-            "its epochs reported with a pruning check, told; then the five plots drawn by "
-            f"the two figure workers (a middle replay: {floors[middle][0]:.2f} s of "
-            f"ask/report/tell, {floors[middle][1]:.2f} s of plots)"
-        ),
+        note=note,
     )
